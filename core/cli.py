@@ -1,0 +1,174 @@
+"""The `trtkit` command line.
+
+Start-up must stay fast: this module imports typer, rich and the plugin registry only. Plugins are loaded
+before the command line is parsed (they may add subcommands through `register_commands`), so
+`--no-plugin NAME` and `--debug` are read from argv first.
+
+Errors a user can fix (TrtkitError, bad usage) print one line and exit 2; a traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+try:  # typer >= 0.22 vendors click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click import ClickException
+
+from . import __version__
+from .commands import STAGE_COMMAND_MODULES
+from .errors import TrtkitError
+from .fileio import raise_on_sigterm
+from .registry import Registry, load_plugins, set_registry
+from .stages import STAGES
+
+HELP = """From a trained network to a fast, accurate edge deployment through ONNX and TensorRT.
+
+Pipeline: export -> optimize -> calibrate -> quantize -> build -> eval, or all of it with `trtkit run`."""
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from .registry import get_registry
+
+        lines = [f"trtkit {__version__}"]
+        for info in get_registry().plugins.values():
+            if not info.builtin:
+                lines.append(f"  plugin {info.name} {info.version or '?'} ({info.distribution or info.module})")
+        typer.echo("\n".join(lines))
+        raise typer.Exit()
+
+
+def build_app(registry: Registry) -> typer.Typer:
+    app = typer.Typer(
+        help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+
+    @app.callback()
+    def root(
+        version: Annotated[
+            bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show versions.")
+        ] = False,
+        debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+        no_plugin: Annotated[
+            list[str] | None, typer.Option("--no-plugin", help="Do not load this plugin (repeatable).")
+        ] = None,
+    ) -> None:
+        """trtkit"""
+
+    @app.command("plugins")
+    def plugins_command(
+        as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+        hook: Annotated[str | None, typer.Option("--hook", help="Only plugins implementing this hook.")] = None,
+    ) -> None:
+        """List installed plugins and what each registers per stage."""
+        show_plugins(registry, as_json, hook)
+
+    for name in STAGE_COMMAND_MODULES:
+        importlib.import_module(f"trtkit.commands.{name}").register(app)
+
+    for impl in registry.pm.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(cli=app)
+        except Exception as exc:  # a broken plugin's command must not take the CLI down
+            print(f"warning: plugin '{impl.plugin_name}' commands skipped: {exc}", file=sys.stderr)
+    return app
+
+
+def show_plugins(registry: Registry, as_json: bool, hook: str | None) -> None:
+    hooks = {f"register_{stage}" for stage in STAGES} | {"register_commands"}
+    if hook is not None and hook not in hooks:
+        from .errors import unknown_name
+
+        raise unknown_name("hook", hook, hooks)
+    infos = [i for i in registry.plugins.values() if hook is None or hook in i.hooks]
+    rows: list[dict[str, Any]] = [
+        {
+            "name": info.name,
+            "version": info.version,
+            "distribution": info.distribution,
+            "source": "builtin" if info.builtin else "third-party",
+            "module": info.module,
+            "hooks": info.hooks,
+            "registers": {stage: sorted(names) for stage, names in sorted(info.components.items())},
+        }
+        for info in infos
+    ]
+    if as_json:
+        typer.echo(json.dumps({"plugins": rows, "problems": registry.problems}, indent=2))
+        return
+    from rich.table import Table
+
+    from .ui import stdout
+
+    table = Table(title="trtkit plugins")
+    for column in ("name", "version", "distribution", "source", "registers"):
+        table.add_column(column)
+    for row in rows:
+        registers = "\n".join(f"{stage}: {', '.join(names)}" for stage, names in row["registers"].items())
+        if "register_commands" in row["hooks"]:
+            registers = (registers + "\n" if registers else "") + "commands"
+        table.add_row(row["name"], row["version"] or "", row["distribution"] or "", row["source"], registers)
+    stdout.print(table)
+    for problem in registry.problems:
+        stdout.print(f"[yellow]skipped:[/yellow] {problem}")
+
+
+def _flag_values(argv: list[str], flag: str) -> list[str]:
+    values = []
+    for index, arg in enumerate(argv):
+        if arg == flag and index + 1 < len(argv):
+            values.append(argv[index + 1])
+        elif arg.startswith(flag + "="):
+            values.append(arg.split("=", 1)[1])
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `trtkit` script. Returns (and exits with) the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    raise_on_sigterm()
+    code = 0
+    try:
+        registry = load_plugins(block=_flag_values(argv, "--no-plugin"))
+        set_registry(registry)
+        command = typer.main.get_command(build_app(registry))
+        command.main(args=argv, prog_name="trtkit", standalone_mode=False)
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        code = 130
+    except ClickException as exc:
+        if debug:
+            raise
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        code = 2
+    except TrtkitError as exc:
+        if debug:
+            raise
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except Exception as exc:
+        if debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: internal error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""Subcommands of this stage (filled in by the stage's issue)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,1 @@
+"""Bundled examples that run on a CPU with no downloads."""

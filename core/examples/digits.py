@@ -1,0 +1,114 @@
+"""The bundled example: a small CNN trained on scikit-learn's digits (real 8x8 images shipped with
+scikit-learn, no download). Training takes a few seconds on a CPU.
+
+Shared by the example recipe, the tests and the benchmarks:
+
+    x_train, y_train, x_test, y_test = load_digits_split()      # float32 NCHW in [0, 16], int64 labels
+    model = train_digits_cnn(x_train, y_train, epochs=15)          # torch.nn.Module, eval mode
+    path = export_digits_onnx(model, "digits.onnx")                # input "image" [N,1,8,8], output "logits"
+
+The network sees raw pixel values 0..16; the first layer's normalisation (x / 16 - 0.5) is part of the model
+as a Div/Sub pair, which the fuse-preprocess pass folds into the first Conv.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+SEED = 0
+
+
+def load_digits_split(test_fraction: float = 0.3, seed: int = SEED) -> tuple[np.ndarray, ...]:
+    """(x_train, y_train, x_test, y_test): x float32 [N, 1, 8, 8] with values 0..16, y int64."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32)[:, None, :, :]
+    labels = digits.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    split = int(len(labels) * (1 - test_fraction))
+    train, test = order[:split], order[split:]
+    return images[train], labels[train], images[test], labels[test]
+
+
+def make_digits_cnn(width: int = 16) -> Any:
+    """Conv-BN-ReLU stacks with a residual block, pooling and a linear head (a miniature ResNet)."""
+    import torch
+    from torch import nn
+
+    class DigitsCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+            self.block = nn.Sequential(
+                nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width),
+            )
+            self.pool = nn.MaxPool2d(2)
+            self.head_conv = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width),
+                                           nn.ReLU())
+            self.fc = nn.Linear(2 * width, 10)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            x = image / 16.0 - 0.5
+            x = self.stem(x)
+            x = torch.relu(x + self.block(x))
+            x = self.head_conv(self.pool(x))
+            x = torch.mean(x, dim=(2, 3))
+            return self.fc(x)
+
+    return DigitsCNN()
+
+
+def train_digits_cnn(
+    x_train: np.ndarray, y_train: np.ndarray, epochs: int = 15, seed: int = SEED, width: int = 16
+) -> Any:
+    """Train deterministically on the CPU (a few seconds). Returns the model in eval mode."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = make_digits_cnn(width)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = torch.from_numpy(x_train)
+    y = torch.from_numpy(y_train)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for index in torch.randperm(len(x), generator=generator).split(64):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[index]), y[index])
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((np.asarray(logits).argmax(axis=1) == labels).mean())
+
+
+def export_digits_onnx(model: Any, path: str | os.PathLike[str], opset: int = 17) -> Path:
+    """Export with a dynamic batch axis through the TorchScript exporter (deterministic, no onnxscript)."""
+    import torch
+
+    from ..fileio import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.onnx.export(
+            model, (torch.zeros(1, 1, 8, 8),), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
+            dynamo=False,
+        )
+    return path
+
+
+def factory() -> Any:
+    """`trtkit.examples.digits:factory`: the trained digits CNN, for `trtkit export` and recipes."""
+    x_train, y_train, _, _ = load_digits_split()
+    return train_digits_cnn(x_train, y_train)

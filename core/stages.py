@@ -1,0 +1,216 @@
+"""The small objects plugins hand to the core, one kind per pipeline stage.
+
+Each is a frozen dataclass: a unique `name`, a one-line `description`, an `options` schema and the callable
+that does the work. The core validates options against the schema (unknown keys, wrong types, missing
+required values are one-line errors) and fills defaults before calling, so a component's callable receives
+every declared option as a keyword argument.
+
+Nothing here imports onnx, numpy or a runtime: this module is loaded at start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from .errors import OptionError, close_matches
+
+if TYPE_CHECKING:
+    from .model import ModelArtifact
+
+_MISSING: Any = object()
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (float, int),
+    "bool": (bool,),
+    "list": (list, tuple),
+    "dict": (dict,),
+    "path": (str,),
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a component.
+
+    type: one of "str", "int", "float", "bool", "list", "dict", "path".
+    default: used when the option is not given; `required=True` options have none.
+    choices: allowed values, when the option is an enumeration.
+    """
+
+    type: str = "str"
+    default: Any = None
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    required: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type not in _TYPES:
+            raise ValueError(f"option type must be one of {sorted(_TYPES)}, not {self.type!r}")
+
+    def parse(self, text: str) -> Any:
+        """Convert a command-line string (`--option key=value`) to this option's type."""
+        if self.type == "bool":
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected true/false, got {text!r}")
+        if self.type == "int":
+            return int(text)
+        if self.type == "float":
+            return float(text)
+        if self.type == "list":
+            return [item.strip() for item in text.split(",") if item.strip()]
+        if self.type == "dict":
+            import json
+
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError("expected a JSON object")
+            return value
+        return text
+
+
+@dataclass(frozen=True)
+class Component:
+    """Fields shared by every registered component."""
+
+    name: str
+    description: str
+    options: Mapping[str, Option] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+    def resolve_options(self, given: Mapping[str, Any] | None, where: str | None = None) -> dict[str, Any]:
+        """Validate `given` against the schema and fill defaults; errors name the option and the component."""
+        where = where or f"{self.kind.lower()} '{self.name}'"
+        given = dict(given or {})
+        unknown = [key for key in given if key not in self.options]
+        if unknown:
+            key = unknown[0]
+            raise OptionError(f"{where} has no option '{key}'{close_matches(key, self.options)}")
+        resolved: dict[str, Any] = {}
+        for key, option in self.options.items():
+            if key not in given:
+                if option.required:
+                    raise OptionError(f"{where} needs option '{key}' ({option.help or option.type})")
+                resolved[key] = option.default
+                continue
+            value = given[key]
+            if isinstance(value, str) and option.type not in ("str", "path"):
+                try:
+                    value = option.parse(value)
+                except ValueError as exc:
+                    raise OptionError(f"{where} option '{key}': {exc}") from None
+            if value is not None and (
+                not isinstance(value, _TYPES[option.type])
+                or (option.type in ("int", "float") and isinstance(value, bool))
+            ):
+                raise OptionError(
+                    f"{where} option '{key}' must be {option.type}, got {type(value).__name__} {value!r}"
+                )
+            if option.type == "float" and value is not None:
+                value = float(value)
+            if option.choices is not None and value not in option.choices:
+                choices = ", ".join(map(str, option.choices))
+                raise OptionError(f"{where} option '{key}' must be one of {choices}, got {value!r}")
+            resolved[key] = value
+        return resolved
+
+
+@dataclass(frozen=True)
+class Exporter(Component):
+    """Turns a trained model into ONNX.
+
+    export(source, output, **options) -> ModelArtifact
+      source: a model object, or a spec string such as `file.py:factory` / `package.module:factory`.
+      output: where the .onnx file is written (atomically).
+    """
+
+    export: Callable[..., ModelArtifact] = field(default=lambda *a, **k: None, repr=False)
+
+
+@dataclass(frozen=True)
+class GraphPass(Component):
+    """Rewrites an ONNX graph.
+
+    apply(artifact, **options) -> ModelArtifact
+      Returns a new artefact (the input is never modified). `exact=False` marks passes that change outputs
+      by design (such as Sigmoid removal); the core then skips the generic numerical check and the pass
+      proves its own relation.
+    """
+
+    apply: Callable[..., ModelArtifact] = field(default=lambda *a, **k: None, repr=False)
+    exact: bool = True
+
+
+@dataclass(frozen=True)
+class Calibrator(Component):
+    """Computes activation ranges (amax) from statistics collected once over the calibration data.
+
+    compute_amax(stats, **options) -> float
+      stats: a `trtkit.calibration.TensorStats` (min, max, |x| histogram with fixed bin edges).
+      Returns the symmetric range amax > 0; the INT8 scale is amax / 127.
+    """
+
+    compute_amax: Callable[..., float] = field(default=lambda *a, **k: 0.0, repr=False)
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """A loaded artefact that runs: inputs dict -> outputs dict (numpy arrays), names as in the ONNX model."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Builder(Component):
+    """Turns an (optionally quantized) ONNX model into an artefact for a target runtime.
+
+    build(model, output, **options) -> pathlib.Path
+      model: path of the input .onnx; output: the artefact to write (atomically). Returns the written path.
+    load(path, **runtime_options) -> Runner    (optional; raises TrtkitError for artefacts it cannot open)
+    available() -> str | None                  (None when usable here, else the reason it is not)
+    """
+
+    build: Callable[..., Any] = field(default=lambda *a, **k: None, repr=False)
+    load: Callable[..., Runner] | None = field(default=None, repr=False)
+    available: Callable[[], str | None] = field(default=lambda: None, repr=False)
+
+
+@dataclass(frozen=True)
+class Evaluator(Component):
+    """Measures artefacts: accuracy, speed, per-layer error, reports, device profiles.
+
+    evaluate(models, **options) -> EvaluationResult
+      models: list of artefact paths (by convention the first is the reference where one is needed).
+    """
+
+    evaluate: Callable[..., EvaluationResult] = field(default=lambda *a, **k: None, repr=False)
+
+
+@dataclass
+class EvaluationResult:
+    """What an evaluator returns: machine-readable data, a human summary, and whether its gates passed."""
+
+    data: dict[str, Any]
+    summary: str = ""
+    passed: bool = True
+
+
+STAGES: dict[str, type[Component]] = {
+    "exporters": Exporter,
+    "passes": GraphPass,
+    "calibrators": Calibrator,
+    "builders": Builder,
+    "evaluators": Evaluator,
+}
