@@ -189,14 +189,9 @@ def _register(registry: Registry, module: Any, info: PluginInfo) -> None:
         registry.stages[stage][component.name] = component
         registry.owners[(stage, component.name)] = info.name
         info.components.setdefault(stage, []).append(component.name)
-    info.hooks = sorted(impl.specname or impl.function.__name__ for impl in _impls(registry.pm, info.name))
+    callers = registry.pm.get_hookcallers(registry.pm.get_plugin(info.name)) or []
+    info.hooks = sorted(caller.name for caller in callers)
     registry.plugins[info.name] = info
-
-
-def _impls(pm: pluggy.PluginManager, plugin_name: str) -> list[Any]:
-    plugin = pm.get_plugin(plugin_name)
-    return [impl for caller in pm.get_hookcallers(plugin) or [] for impl in caller.get_hookimpls()
-            if impl.plugin_name == plugin_name]
 
 
 def _stager(stage: str, cls: type[Component], staged: list[tuple[str, Component]]) -> Callable[[Any], None]:
