@@ -1,0 +1,341 @@
+"""Run graph passes over an ONNX model, each followed by a numerical check, with a per-pass report.
+
+    from trtkit.optimizing import optimize
+    result = optimize("model.onnx", ["simplify", "optimize", ("remove-sigmoid", {"threshold": 0.25})],
+                      output="model.opt.onnx")
+    result.artifact            # the optimized ModelArtifact (metadata["passes"] lists what ran)
+    result.reports             # one PassReport per pass: op counts before/after, seconds, max output diff
+    print(result.table())      # the summary table `trtkit optimize` prints
+
+Every exact pass is checked against the model before it with onnxruntime on random inputs within the
+declared ranges: outputs must agree within atol + rtol * max|reference| (failure raises NumericalCheckError
+naming the pass). Passes that change outputs by design (`exact=False`: fuse-preprocess, remove-sigmoid)
+prove their own relation instead; `check=False` turns both off.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import NumericalCheckError, OptionError, TrtkitError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .model import ModelArtifact
+    from .registry import Registry
+    from .stages import GraphPass
+
+DEFAULT_PASSES: list[str] = ["simplify", "optimize"]
+DEFAULT_RTOL = 1e-3
+DEFAULT_ATOL = 1e-4
+
+PassSpec = str | tuple[str, Mapping[str, Any]]
+
+
+@dataclass
+class PassReport:
+    """What one pass did."""
+
+    name: str
+    options: dict[str, Any]
+    nodes_before: dict[str, int]
+    nodes_after: dict[str, int]
+    seconds: float
+    max_abs_diff: float | None = None  # None when not checked
+    tolerance: float | None = None
+    checked: str = "no"  # "onnxruntime", "by the pass" or "no"
+
+    @property
+    def total_before(self) -> int:
+        return sum(self.nodes_before.values())
+
+    @property
+    def total_after(self) -> int:
+        return sum(self.nodes_after.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "options": self.options, "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after, "total_before": self.total_before, "total_after": self.total_after,
+            "seconds": round(self.seconds, 4), "max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
+            "checked": self.checked,
+        }
+
+
+@dataclass
+class OptimizeResult:
+    artifact: ModelArtifact
+    reports: list[PassReport] = field(default_factory=list)
+    output: Path | None = None
+    max_abs_diff: float | None = None  # final model vs the input model (exact passes only)
+
+    @property
+    def thresholds(self) -> dict[str, Any]:
+        return dict(self.artifact.metadata.get("thresholds", {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        before = self.reports[0].nodes_before if self.reports else {}
+        after = self.reports[-1].nodes_after if self.reports else {}
+        return {
+            "output": str(self.output) if self.output else None,
+            "passes": [r.to_dict() for r in self.reports],
+            "nodes_before": sum(before.values()), "nodes_after": sum(after.values()),
+            "max_abs_diff": self.max_abs_diff,
+            "thresholds": self.thresholds,
+            "preprocess": self.artifact.metadata.get("preprocess"),
+        }
+
+    def table(self) -> Any:
+        """A rich Table: op types as rows, node counts before and after each pass, time and max diff."""
+        from rich.table import Table
+
+        table = Table(title="trtkit optimize")
+        table.add_column("op type")
+        first = self.reports[0].nodes_before if self.reports else {}
+        table.add_column("input", justify="right")
+        for report in self.reports:
+            table.add_column(report.name, justify="right")
+        ops = sorted(set(first).union(*(r.nodes_after for r in self.reports)))
+        for op in ops:
+            cells = [str(first.get(op, 0))] + [str(r.nodes_after.get(op, 0)) for r in self.reports]
+            table.add_row(op, *cells)
+        table.add_section()
+        table.add_row("total nodes", str(sum(first.values())), *(str(r.total_after) for r in self.reports))
+        table.add_row("time (s)", "", *(f"{r.seconds:.3f}" for r in self.reports))
+        table.add_row("max |diff|", "", *(_fmt_diff(r) for r in self.reports))
+        return table
+
+
+def _fmt_diff(report: PassReport) -> str:
+    if report.max_abs_diff is None:
+        return "unchecked"
+    suffix = "" if report.checked == "onnxruntime" else "*"
+    return f"{report.max_abs_diff:.2e}{suffix}"
+
+
+def parse_pass_specs(passes: Sequence[PassSpec] | None, options: Mapping[str, Any] | None = None,
+                     registry: Registry | None = None) -> list[tuple[GraphPass, dict[str, Any]]]:
+    """Resolve pass names and options (validated by each pass's schema).
+
+    `options` holds extra KEY=VALUE settings (from `-O`): `pass.key` goes to that pass; a bare `key` goes to
+    every selected pass that declares it (an error if none does).
+    """
+    from .registry import get_registry
+
+    registry = registry or get_registry()
+    specs = list(DEFAULT_PASSES if passes is None else passes)
+    if not specs:
+        raise OptionError("no passes selected")
+    resolved: list[tuple[Any, dict[str, Any]]] = []
+    for spec in specs:
+        if isinstance(spec, str):
+            name, given = spec, {}
+        elif isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str):
+            name, given = spec[0], dict(spec[1] or {})
+        else:
+            raise OptionError(f"a pass is a name or (name, options), got {spec!r}")
+        resolved.append((registry.graph_pass(name), given))
+    names = [p.name for p, _ in resolved]
+    for key, value in (options or {}).items():
+        target, dot, option = key.partition(".")
+        if dot:
+            if target not in names:
+                from .errors import unknown_name
+
+                raise unknown_name("selected pass", target, names)
+            for graph_pass, given in resolved:
+                if graph_pass.name == target:
+                    given[option] = value
+            continue
+        takers = [(p, g) for p, g in resolved if key in p.options]
+        if not takers:
+            from .errors import close_matches
+
+            known = sorted({k for p, _ in resolved for k in p.options})
+            raise OptionError(f"no selected pass has option '{key}'{close_matches(key, known)}")
+        for _, given in takers:
+            given[key] = value
+    return [(p, p.resolve_options(given, where=f"pass '{p.name}'")) for p, given in resolved]
+
+
+def optimize(
+    model: str | os.PathLike[str] | ModelArtifact,
+    passes: Sequence[PassSpec] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    check: bool = True,
+    *,
+    options: Mapping[str, Any] | None = None,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    ranges: Mapping[str, tuple[float, float]] | None = None,
+    dims: Mapping[str, int] | None = None,
+    seed: int = 0,
+    registry: Registry | None = None,
+    external_data: bool | None = None,
+    progress: bool = False,
+) -> OptimizeResult:
+    """Apply `passes` (default DEFAULT_PASSES) in order; check each; optionally write `output` atomically.
+
+    model: a path or a ModelArtifact (never modified).
+    passes: names or (name, options) pairs; `options` adds `-O`-style settings (see parse_pass_specs).
+    check: numerical check after every pass (random inputs in `ranges`, default [-1, 1]; symbolic dims from
+    `dims`, default 1). Returns an OptimizeResult (artifact, per-pass reports, overall max diff).
+    """
+    from .fileio import check_output_path
+    from .graph import op_counts
+    from .model import ModelArtifact
+
+    if rtol < 0 or atol < 0:
+        raise OptionError("tolerances must be >= 0")
+    for name, bounds in (ranges or {}).items():
+        if len(bounds) != 2 or not float(bounds[0]) <= float(bounds[1]):
+            raise OptionError(f"range for input '{name}' must be LOW,HIGH with LOW <= HIGH, got {bounds!r}")
+    source = model if isinstance(model, ModelArtifact) else ModelArtifact.load(model)
+    if output is not None:
+        check_output_path(output, source.source)
+    selected = parse_pass_specs(passes, options, registry)
+    _check_input_names(source, ranges, "range")
+    current = source
+    reports: list[PassReport] = []
+    original_outputs: dict[str, np.ndarray] | None = None
+    feeds_for: dict[int, Any] = {}
+
+    from .ui import track
+
+    steps = track(selected, total=len(selected), description="passes") if progress else selected
+    for graph_pass, resolved in steps:
+        given = dict(resolved)
+        if "verify" in graph_pass.options:
+            given["verify"] = bool(check and given.get("verify", True))
+        before = op_counts(current.model)
+        start = time.perf_counter()
+        try:
+            result = graph_pass.apply(current.copy(), **given)
+        except TrtkitError:
+            raise
+        except Exception as exc:
+            raise NumericalCheckError(
+                f"pass '{graph_pass.name}' failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
+        seconds = time.perf_counter() - start
+        if not isinstance(result, ModelArtifact):
+            raise TrtkitError(f"pass '{graph_pass.name}' returned {type(result).__name__}, not a ModelArtifact")
+        report = PassReport(graph_pass.name, _jsonable(resolved), before, op_counts(result.model), seconds)
+        if check and graph_pass.exact:
+            feeds = _feeds(result, ranges, dims, seed)
+            feeds_for[len(reports)] = feeds
+            reference = _run(current, feeds, graph_pass.name, "before")
+            if original_outputs is None and current is source:
+                original_outputs = reference
+            got = _run(result, feeds, graph_pass.name, "after")
+            report.max_abs_diff, report.tolerance = _compare(reference, got, graph_pass.name, rtol, atol)
+            report.checked = "onnxruntime"
+        elif check and not graph_pass.exact:
+            checked = result.metadata.get("preprocess", {}).get("max_abs_diff") if graph_pass.name == \
+                "fuse-preprocess" else None
+            report.max_abs_diff = checked if checked is not None else (0.0 if given.get("verify") else None)
+            report.checked = "by the pass" if given.get("verify") else "no"
+        history = list(result.metadata.get("passes", []))
+        history.append({"name": graph_pass.name, "options": _jsonable(resolved)})
+        result.metadata["passes"] = history
+        reports.append(report)
+        current = result
+
+    overall = None
+    if check and all(p.exact for p, _ in selected) and reports:
+        feeds = _feeds(current, ranges, dims, seed)
+        ref = _run(source, feeds, "input model", "before")
+        got = _run(current, feeds, "all passes", "after")
+        overall = max((float(abs(got[k].astype("float64") - ref[k]).max()) if ref[k].size else 0.0)
+                      for k in ref) if ref else 0.0
+    written = None
+    if output is not None:
+        written = current.save(output, external_data=external_data)
+        current.source = written
+        current.base_dir = written.parent
+    return OptimizeResult(current, reports, written, overall)
+
+
+def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
+    result = {}
+    for key, value in sorted(options.items()):
+        if isinstance(value, tuple):
+            value = list(value)
+        result[key] = value
+    return result
+
+
+def _check_input_names(artifact: ModelArtifact, mapping: Mapping[str, Any] | None, what: str) -> None:
+    from .runtime import input_specs
+
+    names = [spec.name for spec in input_specs(artifact.model)]
+    for name in mapping or {}:
+        if name not in names:
+            from .errors import unknown_name
+
+            raise unknown_name(f"input (in {what})", name, names)
+
+
+def _feeds(artifact: ModelArtifact, ranges: Mapping[str, tuple[float, float]] | None,
+           dims: Mapping[str, int] | None, seed: int) -> dict[str, np.ndarray]:
+    from .runtime import random_inputs
+
+    clean = {k: (float(v[0]), float(v[1])) for k, v in (ranges or {}).items()}
+    return random_inputs(artifact.model, seed=seed, dims=dict(dims or {}), ranges=clean)
+
+
+def _run(artifact: ModelArtifact, feeds: dict[str, np.ndarray], pass_name: str, when: str) -> dict[str, np.ndarray]:
+    from .runtime import run, session
+
+    try:
+        sess = session(artifact, optimization="disable")
+    except TrtkitError as exc:
+        if when == "after":
+            raise NumericalCheckError(f"pass '{pass_name}' produced a model onnxruntime cannot load: {exc}") from None
+        raise
+    try:
+        return run(sess, feeds)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if when == "after":
+            raise NumericalCheckError(f"pass '{pass_name}' produced a model that fails to run: {first}") from None
+        raise TrtkitError(f"the model before pass '{pass_name}' fails to run on random inputs: {first}") from None
+
+
+def _compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], pass_name: str, rtol: float,
+             atol: float) -> tuple[float, float]:
+    import numpy as np
+
+    worst, tolerance = 0.0, atol
+    for name, ref in reference.items():
+        if name not in got:
+            raise NumericalCheckError(f"pass '{pass_name}' removed output '{name}'")
+        new = got[name]
+        if new.shape != ref.shape:
+            raise NumericalCheckError(
+                f"pass '{pass_name}' changed output '{name}' shape from {list(ref.shape)} to {list(new.shape)}"
+            )
+        if ref.size == 0:
+            continue
+        if ref.dtype.kind not in "fc":
+            if not np.array_equal(ref, new):
+                raise NumericalCheckError(f"pass '{pass_name}' changed the values of output '{name}'")
+            continue
+        ref64, new64 = ref.astype(np.float64), new.astype(np.float64)
+        finite = np.isfinite(ref64)
+        if not np.array_equal(finite, np.isfinite(new64)):
+            raise NumericalCheckError(f"pass '{pass_name}' changed which values of output '{name}' are finite")
+        diff = float(np.max(np.abs(new64[finite] - ref64[finite]))) if finite.any() else 0.0
+        bound = atol + rtol * (float(np.max(np.abs(ref64[finite]))) if finite.any() else 0.0)
+        if not diff <= bound:
+            raise NumericalCheckError(
+                f"pass '{pass_name}' changed output '{name}' by {diff:.3g} (tolerance {bound:.3g})"
+            )
+        worst, tolerance = max(worst, diff), max(tolerance, bound)
+    return worst, tolerance
