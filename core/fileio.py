@@ -2,6 +2,13 @@
 
 Every artefact is written to a temporary file in the target folder and renamed over the target, which is
 atomic on POSIX and Windows. The temporary file is removed when anything goes wrong.
+
+Artefacts made of several files (an ONNX model and its external-data file) are committed together with
+`atomic_paths`: every file is written to a temporary name first, then all are renamed in one short step with
+SIGINT/SIGTERM held back, so an interrupt never leaves a new model next to old weights or the reverse.
+
+Written files get the ordinary permissions (0666 minus the umask), as `open()` would give them, not the 0600
+of a bare temporary file; replacing an existing file keeps that file's permission bits.
 """
 
 from __future__ import annotations
@@ -10,9 +17,90 @@ import contextlib
 import os
 import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+TEMP_SUFFIX = ".tmp"
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file (or folder) to disk; folders cannot be opened on Windows and some filesystems refuse."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _new_temp(target: Path, suffix: str) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + TEMP_SUFFIX, dir=target.parent)
+    os.close(fd)
+    return Path(tmp_name)
+
+
+def _finish(tmp: Path, target: Path) -> None:
+    """Give the temporary file the permissions the target should have and flush it to disk."""
+    try:
+        mode = target.stat().st_mode & 0o7777
+    except OSError:
+        mode = _default_mode()
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, mode)
+    _fsync_path(tmp)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back for a few renames (POSIX main thread); they are delivered right after."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def atomic_paths(targets: Sequence[str | os.PathLike[str]], suffix: str = "") -> Iterator[list[Path]]:
+    """Yield one temporary path per target; on success all replace their targets together, else all vanish.
+
+    The renames happen in the order given with SIGINT/SIGTERM held back, so list the files that others
+    reference first (an external-data file before the model that points into it).
+    """
+    paths = [Path(target) for target in targets]
+    temps: list[Path] = []
+    try:
+        for target in paths:
+            temps.append(_new_temp(target, suffix))
+        yield list(temps)
+        for tmp, target in zip(temps, paths, strict=True):
+            _finish(tmp, target)
+        with _signals_deferred():
+            for tmp, target in zip(temps, paths, strict=True):
+                os.replace(tmp, target)
+        for folder in {target.parent for target in paths}:
+            _fsync_path(folder)
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -21,17 +109,8 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
 
     For writers that want a path (onnx.save, engine serializers, matplotlib).
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_paths([target], suffix=suffix) as (tmp,):
         yield tmp
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -42,7 +121,6 @@ def atomic_open(target: str | os.PathLike[str], mode: str = "w", **kwargs: Any) 
     with atomic_path(target) as tmp, open(tmp, mode, **kwargs) as handle:
         yield handle
         handle.flush()
-        os.fsync(handle.fileno())
 
 
 def write_text(target: str | os.PathLike[str], text: str) -> None:
@@ -76,12 +154,24 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Leftover temporary files of interrupted atomic writes in `folder` (there should be none)."""
+    return sorted(p for p in Path(folder).iterdir() if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX))
+
+
 def check_output_path(output: str | os.PathLike[str], *inputs: str | os.PathLike[str] | None) -> Path:
-    """Refuse an output path that would overwrite one of the inputs: trtkit never modifies its inputs."""
+    """Refuse an output path that would overwrite one of the inputs: trtkit never modifies its inputs.
+
+    For ONNX outputs the external-data file the output would get (`<output>.data`) is checked as well.
+    """
     from .errors import OptionError
 
     out = Path(output)
+    written = [out, out.with_name(out.name + ".data")] if out.suffix == ".onnx" else [out]
     for given in inputs:
-        if given is not None and Path(given).exists() and out.exists() and out.resolve() == Path(given).resolve():
-            raise OptionError(f"output {out} would overwrite the input {given}; choose another output path")
+        if given is None or not Path(given).exists():
+            continue
+        for path in written:
+            if path.exists() and path.resolve() == Path(given).resolve():
+                raise OptionError(f"output {out} would overwrite the input {given}; choose another output path")
     return out

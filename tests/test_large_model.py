@@ -1,0 +1,147 @@
+"""Models over the 2 GB protobuf limit: built tensor by tensor with external data, streamed by ModelArtifact.
+
+The model is never held in one protobuf, neither when it is generated (each weight goes straight to the data
+file) nor when trtkit loads, reads and saves it. Peak memory is measured in a fresh subprocess (ru_maxrss),
+so the numbers are the artefact code's own, not the test session's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+
+PROTOBUF_LIMIT = 2**31  # bytes a single serialized protobuf may not reach
+WIDTH = 4096  # each weight is WIDTH x WIDTH float32 = 64 MiB
+LAYERS = 33  # 33 x 64 MiB = 2.06 GiB of weights, just over the limit
+TENSOR_BYTES = WIDTH * WIDTH * 4
+
+
+def weight(index: int, width: int = WIDTH) -> np.ndarray:
+    """Layer `index`'s weight, regenerated identically on demand (scaled so activations stay O(1))."""
+    rng = np.random.default_rng(1000 + index)
+    return (rng.standard_normal((width, width), dtype=np.float32) / np.float32(np.sqrt(width))).astype(np.float32)
+
+
+def write_big_model(folder: Path, layers: int = LAYERS, width: int = WIDTH, name: str = "big.onnx") -> dict:
+    """A MatMul+Relu chain whose weights go straight to `<name>.data`, one tensor at a time.
+
+    Returns {"path", "data", "hashes": {tensor: sha256 of its bytes}, "bytes": total weight bytes}.
+    """
+    from onnx import TensorProto, helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data_name = name + ".data"
+    hashes: dict[str, str] = {}
+    initializers = []
+    nodes = []
+    offset = 0
+    previous = "x"
+    with open(folder / data_name, "wb") as out:
+        for index in range(layers):
+            array = weight(index, width)
+            raw = array.tobytes()
+            hashes[f"w{index}"] = hashlib.sha256(raw).hexdigest()
+            out.write(raw)
+            tensor = TensorProto(name=f"w{index}", data_type=TensorProto.FLOAT, dims=[width, width])
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                tensor.external_data.add(key=key, value=value)
+            tensor.data_location = TensorProto.EXTERNAL
+            initializers.append(tensor)
+            offset += len(raw)
+            del array, raw
+            output = "y" if index == layers - 1 else f"h{index}"
+            nodes.append(helper.make_node("MatMul", [previous, f"w{index}"], [f"m{index}"], name=f"matmul{index}"))
+            act = "Identity" if index == layers - 1 else "Relu"
+            nodes.append(helper.make_node(act, [f"m{index}"], [output], name=f"act{index}"))
+            previous = output
+    graph = helper.make_graph(
+        nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])], initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with open(folder / name, "wb") as out:
+        out.write(model.SerializeToString())
+    return {"path": folder / name, "data": folder / data_name, "hashes": hashes, "bytes": offset}
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory) -> Iterator[dict]:
+    folder = tmp_path_factory.mktemp("big")
+    info = write_big_model(folder)
+    yield info
+    shutil.rmtree(folder, ignore_errors=True)  # do not keep gigabytes in pytest's retained tmp folders
+
+
+def run_measured(script: str, *args: str, timeout: float = 600) -> dict:
+    """Run `script` in a fresh interpreter; it prints one JSON line. ru_maxrss (KiB) of that child is added."""
+    code = textwrap.dedent(script) + textwrap.dedent("""
+        import resource as _r
+        RESULT["maxrss_mb"] = _r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(RESULT))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_model_is_really_over_the_protobuf_limit(big_model):
+    assert big_model["bytes"] >= PROTOBUF_LIMIT
+    assert big_model["data"].stat().st_size == big_model["bytes"]
+    assert big_model["path"].stat().st_size < 1 << 20  # the protobuf itself holds no weights
+    # One protobuf could not hold it: serializing the weights inline is refused by protobuf itself.
+    from trtkit.errors import OptionError
+    from trtkit.model import ModelArtifact
+
+    with pytest.raises(OptionError, match="2 GB protobuf limit"):
+        ModelArtifact.load(big_model["path"]).save(big_model["path"].parent / "inline.onnx", external_data=False)
+    assert not (big_model["path"].parent / "inline.onnx").exists()
+
+
+def test_load_tensor_save_stream_with_small_peak_memory(big_model, tmp_path):
+    """load + tensor() of every weight + save elsewhere: bytes preserved, peak RSS far below the model size."""
+    out = tmp_path / "copy" / "saved.onnx"
+    result = run_measured(
+        """
+        import hashlib, json, sys
+        from trtkit.model import ModelArtifact
+        art = ModelArtifact.load(sys.argv[1])
+        hashes = {}
+        for name in art.initializers():
+            hashes[name] = hashlib.sha256(art.tensor(name).tobytes()).hexdigest()
+        art.metadata["note"] = "copied"
+        art.save(sys.argv[2])
+        again = ModelArtifact.load(sys.argv[2])
+        saved = {name: hashlib.sha256(again.tensor(name).tobytes()).hexdigest() for name in ("w0", "w32")}
+        RESULT = {"hashes": hashes, "saved": saved, "external": again.has_external_data(),
+                  "weight_bytes": again.weight_bytes(), "metadata": again.metadata}
+        """,
+        str(big_model["path"]), str(out),
+    )
+    try:
+        assert result["hashes"] == big_model["hashes"]
+        assert result["saved"] == {k: big_model["hashes"][k] for k in ("w0", "w32")}
+        assert result["external"] and result["weight_bytes"] == big_model["bytes"]
+        assert result["metadata"] == {"note": "copied"}
+        data = out.with_name("saved.onnx.data")
+        assert data.stat().st_size >= big_model["bytes"]  # 4 KiB-aligned copy of every weight
+        assert out.stat().st_size < 1 << 20
+        # Peak memory: a few tensors' worth, not the 2 GiB model (the interpreter + onnx + numpy is ~100 MiB).
+        limit_mb = 4 * TENSOR_BYTES / 2**20 + 250
+        assert result["maxrss_mb"] < limit_mb, f"peak RSS {result['maxrss_mb']:.0f} MiB >= {limit_mb:.0f} MiB"
+        assert result["maxrss_mb"] < big_model["bytes"] / 2**20 / 4
+        print(f"\n>2GB model: {big_model['bytes'] / 2**30:.2f} GiB of weights, peak RSS load+read+save "
+              f"{result['maxrss_mb']:.0f} MiB")
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
