@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 from plugin_dists import ALPHA, BETA, BROKEN_IMPORT, GOOD, WRONG_TYPE, make_distribution
+
 from trtkit.errors import OptionError, PluginError
 from trtkit.registry import load_plugins
 from trtkit.stages import Calibrator, Component, GraphPass, Option
@@ -181,3 +182,51 @@ def test_readme_plugin_story_names_real_commands():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert "trtkit plugins" in readme
     assert "pip install plugins_contrib/trtkit-onnxslim" in readme
+
+
+def test_every_registration_hook_fills_its_registry():
+    """One plugin implementing every register_* hook: each component lands in its own stage registry."""
+    from trtkit.hookspecs import hookimpl
+    from trtkit.stages import Builder, EvaluationResult, Evaluator, Exporter
+
+    class Everything:
+        @staticmethod
+        @hookimpl
+        def register_exporters(register):
+            register(Exporter(name="echo-export", description="", export=lambda source, output: output))
+
+        @staticmethod
+        @hookimpl
+        def register_passes(register):
+            register(GraphPass(name="echo-pass", description="", apply=lambda artifact: artifact))
+
+        @staticmethod
+        @hookimpl
+        def register_calibrators(register):
+            register(Calibrator(name="echo-calibrator", description="", compute_amax=lambda stats: 2.0))
+
+        @staticmethod
+        @hookimpl
+        def register_builders(register):
+            register(Builder(name="echo-builder", description="", build=lambda model, output: output,
+                             available=lambda: "needs an echo device"))
+
+        @staticmethod
+        @hookimpl
+        def register_evaluators(register):
+            register(Evaluator(name="echo-eval", description="",
+                               evaluate=lambda models: EvaluationResult({"n": len(models)}, passed=False)))
+
+    registry = load_plugins(extra_modules=[Everything])
+    assert registry.exporter("echo-export").export("m", "out.onnx") == "out.onnx"
+    assert registry.graph_pass("echo-pass").apply("artifact") == "artifact"
+    assert registry.calibrator("echo-calibrator").compute_amax(None) == 2.0
+    assert registry.builder("echo-builder").available() == "needs an echo device"
+    assert registry.evaluator("echo-eval").evaluate(["a", "b"]).data == {"n": 2}
+    info = registry.plugins[Everything.__name__]
+    assert info.hooks == ["register_builders", "register_calibrators", "register_evaluators",
+                          "register_exporters", "register_passes"]
+    names = {"exporters": "echo-export", "passes": "echo-pass", "calibrators": "echo-calibrator",
+             "builders": "echo-builder", "evaluators": "echo-eval"}
+    for stage, name in names.items():
+        assert registry.owner(stage, name) == Everything.__name__

@@ -112,3 +112,31 @@ def factory() -> Any:
     """`trtkit.examples.digits:factory`: the trained digits CNN, for `trtkit export` and recipes."""
     x_train, y_train, _, _ = load_digits_split()
     return train_digits_cnn(x_train, y_train)
+
+
+def prepare_example(folder: str | os.PathLike[str]) -> Path:
+    """Write the example recipe and its data (calibration images, held-out images and labels) into `folder`.
+
+    Returns the recipe path. Existing files are replaced only when their content changes, so re-running
+    keeps the recipe's cache valid.
+    """
+    from ..fileio import atomic_path
+
+    folder = Path(folder)
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    x_train, _, x_test, y_test = load_digits_split()
+    arrays = {"calibration.npy": x_train[:256], "test_images.npy": x_test, "test_labels.npy": y_test}
+    for name, array in arrays.items():
+        target = data / name
+        if target.exists() and np.array_equal(np.load(target), array):
+            continue
+        with atomic_path(target, suffix=".npy") as tmp:
+            np.save(tmp, array)
+    recipe = folder / "recipe.toml"
+    text = (Path(__file__).parent / "digits.toml").read_text()
+    if not recipe.exists() or recipe.read_text() != text:
+        from ..fileio import write_text
+
+        write_text(recipe, text)
+    return recipe

@@ -1,0 +1,328 @@
+"""The steps of a recipe and what each runs: export -> optimize -> calibrate -> quantize -> build -> eval.
+
+Each action receives its Step, the results of earlier steps and an empty folder to write into, and returns
+the names of the files it wrote (plus small JSON-able facts). `recipe.py` does caching and ordering.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import TrtkitError
+from .recipe import Recipe, Step, StepResult, _source_files
+
+DEFAULT_BUILDERS = [{"name": "onnxruntime"}]
+GATE_OPTIONS = {"max_accuracy_drop": "max_top1_drop", "min_top1_agreement": "min_agreement",
+                "min_sqnr_db": "min_sqnr"}
+
+
+def steps_for(recipe: Recipe) -> list[Step]:
+    from .optimizing import DEFAULT_PASSES
+
+    steps: list[Step] = []
+    model = recipe.section("model")
+    if "onnx" in model:
+        path = recipe.resolve(model["onnx"])
+        assert path is not None
+        steps.append(Step("model", {"onnx": str(path)}, files=[path], action=_copy_model))
+    else:
+        checkpoint = recipe.resolve(model.get("checkpoint"))
+        files = _source_files(model["source"], recipe.folder) + ([checkpoint] if checkpoint else [])
+        config = {"source": model["source"], "exporter": model.get("exporter", "torch"),
+                  "checkpoint": str(checkpoint) if checkpoint else None, "options": model.get("options", {})}
+        steps.append(Step("export", config, files=files, action=_export))
+    first = steps[0].name
+
+    passes = recipe.section("passes") or [{"name": name} for name in DEFAULT_PASSES]
+    pass_specs = [[item["name"], item.get("options", {})] for item in passes]
+    steps.append(Step("optimize", {"passes": pass_specs}, needs=[first], action=_optimize))
+
+    quantize = recipe.section("quantize")
+    calibration = recipe.section("calibration")
+    int8 = bool(calibration) and quantize.get("enabled", True)
+    if int8:
+        data = recipe.resolve(calibration.get("data"))
+        if data is None:
+            raise TrtkitError(f"{recipe.path} [calibration]: missing key 'data'")
+        overrides = recipe.resolve(calibration.get("overrides"))
+        config = {key: calibration.get(key) for key in ("method", "options", "batch_size", "limit", "cache",
+                                                            "trt_version")}
+        config.update(data=str(data), overrides=str(overrides) if overrides else None)
+        config["method"] = config["method"] or "entropy"
+        steps.append(Step("calibrate", config, needs=["optimize"],
+                          files=[data] + ([overrides] if overrides else []), action=_calibrate))
+        qconfig = {key: quantize.get(key) for key in ("exclude", "exclude_op_types", "per_channel", "reduce_range")}
+        steps.append(Step("quantize", qconfig, needs=["optimize", "calibrate"], action=_quantize))
+
+    built: list[str] = []
+    for item in recipe.section("builders") or DEFAULT_BUILDERS:
+        precisions = item.get("precisions") or ["fp32", "int8"]
+        for precision in precisions:
+            if precision not in ("fp32", "int8"):
+                raise TrtkitError(f"{recipe.path} [builders] {item['name']}: precision must be fp32 or int8, "
+                                  f"got {precision!r}")
+            if precision == "int8" and not int8:
+                continue
+            source = "quantize" if precision == "int8" else "optimize"
+            name = f"build:{item['name']}:{precision}"
+            config = {"builder": item["name"], "options": item.get("options", {}),
+                      "optional": item.get("optional", False), "precision": precision}
+            steps.append(Step(name, config, needs=[source], action=_build))
+            built.append(name)
+
+    evaluators = recipe.section("evaluators")
+    gates = {GATE_OPTIONS[key]: value for key, value in recipe.section("gates").items()}
+    for item in evaluators:
+        data = recipe.resolve(item.get("data"))
+        labels = recipe.resolve(item.get("labels"))
+        options = dict(item.get("options", {}))
+        if item["name"] == "accuracy":
+            options.update({key: str(value) for key, value in gates.items()})
+        config = {"evaluator": item["name"], "data": str(data) if data else None,
+                  "labels": str(labels) if labels else None, "options": options}
+        files = [path for path in (data, labels) if path is not None]
+        steps.append(Step(f"eval:{item['name']}", config, needs=["optimize", *built], files=files,
+                          action=_evaluate))
+    return steps
+
+
+# ---- actions -------------------------------------------------------------------------------------------
+
+def _copy_model(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str, Any]:
+    from .model import ModelArtifact
+
+    ModelArtifact.load(step.config["onnx"]).save(folder / "model.onnx")
+    return {"model": "model.onnx"}
+
+
+def _export(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str, Any]:
+    from .exporting import export
+
+    config = step.config
+    export(config["source"], folder / "model.onnx", exporter=config["exporter"],
+           checkpoint=config["checkpoint"], **config["options"])
+    return {"model": "model.onnx"}
+
+
+def _upstream_model(step: Step, results: dict[str, StepResult]) -> Path:
+    return results[step.needs[0]].path("model")
+
+
+def _optimize(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str, Any]:
+    from .optimizing import optimize
+
+    passes = [(name, options) for name, options in step.config["passes"]]
+    result = optimize(_upstream_model(step, results), passes, output=folder / "model.onnx", progress=True)
+    report = result.to_dict()
+    (folder / "optimize.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    return {"model": "model.onnx", "report": "optimize.json", "thresholds": result.thresholds}
+
+
+def _calibrate(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str, Any]:
+    from .calibration import calibrate
+
+    config = step.config
+    kwargs: dict[str, Any] = {"method": config["method"], "options": config.get("options") or {},
+                              "overrides": config.get("overrides")}
+    for key in ("batch_size", "limit"):
+        if config.get(key) is not None:
+            kwargs[key] = config[key]
+    scales = calibrate(results["optimize"].path("model"), config["data"], output=folder / "scales.json", **kwargs)
+    outputs: dict[str, Any] = {"scales": "scales.json", "tensors": len(scales)}
+    if config.get("cache"):
+        from .trtcache import DEFAULT_TRT_VERSION, write_cache
+
+        write_cache(scales, folder / "calibration.cache", trt_version=config.get("trt_version") or DEFAULT_TRT_VERSION)
+        outputs["cache"] = "calibration.cache"
+    return outputs
+
+
+def _quantize(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str, Any]:
+    from .calibration import Scales
+    from .qdq import quantize
+
+    config = {key: value for key, value in step.config.items() if value is not None}
+    scales = Scales.load(results["calibrate"].path("scales"))
+    quantize(results["optimize"].path("model"), scales, output=folder / "model.onnx", **config)
+    return {"model": "model.onnx"}
+
+
+def _build(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str, Any]:
+    from .building import build, default_output, get_builder
+
+    config = step.config
+    builder = get_builder(config["builder"])
+    reason = builder.available()
+    if reason:
+        if config["optional"]:
+            return {"skipped": reason}
+        raise TrtkitError(f"builder '{config['builder']}' is not usable here: {reason}")
+    source = _upstream_model(step, results)
+    suffix = default_output(source, config["builder"]).suffix or ".out"
+    name = f"model.{config['precision']}{suffix}"
+    written = build(source, folder / name, builder=config["builder"], **config["options"])
+    extra = sorted(p.name for p in folder.iterdir() if p.name != written.name)  # sidecars, timing caches
+    return {"model": written.name, "files": extra}
+
+
+def _evaluate(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str, Any]:
+    from .evaluation import evaluate, jsonable
+
+    config = step.config
+    reference = results["optimize"].path("model")
+    candidates = _runnable_builds(step, results)
+    options = dict(config["options"])
+    for key in ("data", "labels"):
+        if config.get(key) and key in _evaluator_options(config["evaluator"]):
+            options[key] = config[key]
+    name = config["evaluator"]
+    if name == "speed":
+        result = evaluate(name, [path for _, path in candidates], **options)
+        runs = [{"label": "all builds", "data": jsonable(result.data), "summary": result.summary,
+                 "passed": result.passed}]
+    else:
+        runs = []
+        for label, path in candidates:
+            result = evaluate(name, [reference, path], **options)
+            runs.append({"label": label, "data": jsonable(result.data), "summary": result.summary,
+                         "passed": result.passed})
+    (folder / "result.json").write_text(json.dumps(runs, indent=2, sort_keys=True, default=str) + "\n")
+    return {"result": "result.json", "passed": all(run["passed"] for run in runs)}
+
+
+def _evaluator_options(name: str) -> set[str]:
+    from .registry import get_registry
+
+    return set(get_registry().evaluator(name).options)
+
+
+def _runnable_builds(step: Step, results: dict[str, StepResult]) -> list[tuple[str, Path]]:
+    """(label, path) of built artefacts that can run on this machine, in build order."""
+    from .runners import open_runner
+
+    runnable = []
+    for name in step.needs:
+        if not name.startswith("build:") or "model" not in results[name].outputs:
+            continue
+        path = results[name].path("model")
+        try:
+            open_runner(path)
+        except TrtkitError:
+            continue
+        runnable.append((name.removeprefix("build:"), path))
+    return runnable
+
+
+# ---- gates and publishing ------------------------------------------------------------------------------
+
+def check_gates(recipe: Recipe, results: dict[str, StepResult]) -> list[tuple[str, bool, str]]:
+    """One row per evaluator run: (what, passed, summary line)."""
+    rows = []
+    for name, result in results.items():
+        if not name.startswith("eval:"):
+            continue
+        for run in json.loads(result.path("result").read_text()):
+            first = run["summary"].strip().splitlines()[0] if run["summary"].strip() else ""
+            rows.append((f"{name} {run['label']}", bool(run["passed"]), first))
+    return rows
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def publish(recipe: Recipe, results: dict[str, StepResult], gates: list[tuple[str, bool, str]],
+            out: Path) -> Path | None:
+    """Put the final artefacts at the top of the output folder and write the report."""
+    names = {"optimize": "model.onnx", "quantize": "model.int8.onnx"}
+    published: dict[str, str] = {}
+    for step, target in names.items():
+        if step in results:
+            _link_or_copy(results[step].path("model"), out / target)
+            published[step] = target
+    if "calibrate" in results:
+        for key in ("scales", "cache"):
+            if key in results["calibrate"].outputs:
+                target = results["calibrate"].outputs[key]
+                _link_or_copy(results["calibrate"].path(key), out / target)
+                published[key] = target
+    for name, result in results.items():
+        if name.startswith("build:") and "model" in result.outputs:
+            _, builder, precision = name.split(":")
+            target_dir = out / "builds" / builder
+            target_dir.mkdir(parents=True, exist_ok=True)
+            for file in [result.outputs["model"], *result.outputs.get("files", [])]:
+                _link_or_copy(result.folder / file, target_dir / file)
+            published[name] = str(Path("builds") / builder / result.outputs["model"])
+    summary = {
+        "recipe": str(recipe.path),
+        "steps": {name: {"key": r.key, "cached": r.cached, "seconds": round(r.seconds, 3),
+                         "outputs": {k: v for k, v in r.outputs.items() if k != "files"}}
+                  for name, r in results.items()},
+        "artefacts": published,
+        "gates": [{"check": what, "passed": ok, "summary": text} for what, ok, text in gates],
+    }
+    from .fileio import write_text
+
+    write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    if not recipe.section("report").get("enabled", True):
+        return None
+    from .evaluation import write_report
+
+    html, _ = write_report(out / "report.html", report_context(recipe, results))
+    return html
+
+
+def report_context(recipe: Recipe, results: dict[str, StepResult]) -> dict[str, Any]:
+    """The report's context (schema in trtkit.evaluation.write_report) from the step results."""
+    from .evaluation import graph_stats
+
+    context: dict[str, Any] = {"title": recipe.section("report").get("title") or f"trtkit: {recipe.path.name}"}
+    models = []
+    graph = {}
+    for step, label in (("optimize", "FP32 (optimized)"), ("quantize", "INT8 (QDQ)")):
+        if step in results:
+            path = results[step].path("model")
+            models.append({"name": label, "path": str(path), "role": "reference" if step == "optimize" else
+                           "candidate"})
+            graph[label] = graph_stats(path)
+    first = "export" if "export" in results else "model"
+    graph = {"input": graph_stats(results[first].path("model")), **graph}
+    context.update(models=models, graph=graph)
+    if "optimize" in results:
+        report = json.loads(results["optimize"].path("report").read_text())
+        context["passes"] = [
+            {"name": p["name"], "options": p["options"],
+             "detail": f"{p['total_before']} -> {p['total_after']} nodes, max |diff| {p['max_abs_diff']}"}
+            for p in report["passes"]
+        ]
+    if "calibrate" in results:
+        scales = json.loads(results["calibrate"].path("scales").read_text())
+        tensors = scales.get("tensors", {})
+        context["calibration"] = {
+            "method": scales.get("method"), "num_samples": scales.get("num_samples"),
+            "scales": {name: entry["scale"] if isinstance(entry, dict) else entry for name, entry in tensors.items()},
+        }
+    for name, result in results.items():
+        if not name.startswith("eval:"):
+            continue
+        runs = json.loads(result.path("result").read_text())
+        evaluator = name.split(":", 1)[1]
+        data = [run["data"] for run in runs]
+        if evaluator == "speed" and data:
+            context["speed"] = data[0]
+        elif evaluator == "accuracy":
+            context["accuracy"] = data
+        elif evaluator == "layers" and data:
+            context["layers"] = data[-1]
+    built = [(n, r.outputs.get("skipped")) for n, r in results.items() if n.startswith("build:")]
+    context["notes"] = [f"{n.removeprefix('build:')}: skipped ({why})" for n, why in built if why]
+    return context
