@@ -1,1 +1,77 @@
-"""Built-in plugin (filled in by its stage issue)."""
+"""Built-in calibrators: minmax, entropy (TensorRT EntropyCalibrator2), percentile, mse.
+
+Each computes a symmetric range amax from the statistics collected once by `trtkit.calibration.collect`
+(min, max, |x| histogram), so every method can be computed from the same pass over the data. The numerics
+live in `trtkit.calibration` (numpy, imported lazily: plugin modules load at CLI start-up).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trtkit import hookimpl
+from trtkit.stages import Calibrator, Option
+
+
+def _minmax(stats: Any) -> float:
+    from trtkit.calibration import amax_minmax
+
+    return amax_minmax(stats)
+
+
+def _entropy(stats: Any, bins: int = 2048, levels: int = 128, start: int = 128) -> float:
+    from trtkit.calibration import amax_entropy
+    from trtkit.errors import OptionError
+
+    if not 0 < levels <= start <= bins:
+        raise OptionError(f"calibrator 'entropy' needs 0 < levels <= start <= bins, got {levels}, {start}, {bins}")
+    return amax_entropy(stats, bins=bins, levels=levels, start=start)
+
+
+def _percentile(stats: Any, percentile: float = 99.99) -> float:
+    from trtkit.calibration import amax_percentile
+
+    return amax_percentile(stats, percentile)
+
+
+def _mse(stats: Any, bins: int = 2048, stride: int = 2) -> float:
+    from trtkit.calibration import amax_mse
+    from trtkit.errors import OptionError
+
+    if bins < 256 or stride < 1:
+        raise OptionError(f"calibrator 'mse' needs bins >= 256 and stride >= 1, got {bins}, {stride}")
+    return amax_mse(stats, bins=bins, stride=stride)
+
+
+@hookimpl
+def register_calibrators(register: Any) -> None:
+    register(Calibrator(
+        name="minmax",
+        description="Largest |x| seen (no clipping; sensitive to outliers).",
+        compute_amax=_minmax,
+    ))
+    register(Calibrator(
+        name="entropy",
+        description="TensorRT EntropyCalibrator2: threshold with minimal KL divergence (2048 bins, 128 levels).",
+        options={
+            "bins": Option("int", 2048, "histogram bins over [0, max |x|]"),
+            "levels": Option("int", 128, "quantized levels of the positive half"),
+            "start": Option("int", 128, "first candidate bin"),
+        },
+        compute_amax=_entropy,
+    ))
+    register(Calibrator(
+        name="percentile",
+        description="The given percentile of |x| (e.g. 99.99).",
+        options={"percentile": Option("float", 99.99, "percentile of |x| in (0, 100]")},
+        compute_amax=_percentile,
+    ))
+    register(Calibrator(
+        name="mse",
+        description="Threshold minimising the mean squared int8 quantization error.",
+        options={
+            "bins": Option("int", 2048, "histogram bins over [0, max |x|]"),
+            "stride": Option("int", 2, "candidate thresholds every this many bins"),
+        },
+        compute_amax=_mse,
+    ))

@@ -1,1 +1,42 @@
-"""Built-in plugin (filled in by its stage issue)."""
+"""Built-in `qdq` builder: an FP32 ONNX model + scales -> a QDQ INT8 ONNX model for TensorRT.
+
+The work is done by `trtkit.qdq.quantize` (imported lazily: plugin modules load at CLI start-up).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trtkit import hookimpl
+from trtkit.stages import Builder, Option
+
+
+def _build(model: Any, output: Any, scales: str | None = None, exclude: list[str] | None = None,
+           exclude_op_types: list[str] | None = None, per_channel: bool = True, reduce_range: bool = False,
+           concat_max_ratio: float = 32.0) -> Path:
+    from trtkit.errors import OptionError
+    from trtkit.qdq import quantize
+
+    if not scales:
+        raise OptionError("builder 'qdq' needs option 'scales' (a scales JSON from `trtkit calibrate`)")
+    quantize(model, scales, output=output, exclude=exclude or (), exclude_op_types=exclude_op_types or (),
+             per_channel=per_channel, reduce_range=reduce_range, concat_max_ratio=concat_max_ratio)
+    return Path(output)
+
+
+@hookimpl
+def register_builders(register: Any) -> None:
+    register(Builder(
+        name="qdq",
+        description="Insert int8 Q/DQ (TensorRT explicit-quantization placement) using calibrated scales.",
+        options={
+            "scales": Option("path", None, "scales JSON / YAML / TensorRT cache", required=True),
+            "exclude": Option("list", [], "node names to keep in float"),
+            "exclude_op_types": Option("list", [], "op types to keep in float"),
+            "per_channel": Option("bool", True, "per-output-channel weight scales"),
+            "reduce_range": Option("bool", False, "7-bit weights (onnxruntime CPUs without VNNI)"),
+            "concat_max_ratio": Option("float", 32.0, "no shared Concat scale when input ranges differ more"),
+        },
+        build=_build,
+    ))

@@ -1,0 +1,638 @@
+"""Calibration: collect activation statistics once, compute ranges with any method, save them as scales.
+
+    scales = trtkit.calibrate("model.onnx", "calib.npz", method="entropy")
+    scales.save("scales.json")                 # tensor -> amax (scale = amax / 127), method, fingerprints
+
+    stats = collect("model.onnx", data)        # one onnxruntime pass, batch by batch
+    stats.compute("percentile", percentile=99.99)   # any method from the same statistics
+
+Statistics are mergeable and exact: per tensor min, max, count and a histogram of |x| with FINE_BINS bins over
+[0, R) where R is the smallest power of two above the largest |x| seen. When a batch exceeds R, R doubles and
+pairs of bins merge; because bin edges are powers of two apart, this is exactly the histogram computed at the
+final range in one go. So the statistics (and every method's result) do not depend on batch size or order.
+
+Memory does not grow with the number of samples: each batch's outputs are reduced immediately. Statistics of
+batch k are computed while onnxruntime runs batch k + 1 (onnxruntime releases the GIL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import DataError, InputFileError, OptionError, UnknownNameError, unknown_name
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .data import DataSource
+    from .model import ModelArtifact
+
+FINE_BINS = 8192          # internal histogram resolution (power of two)
+ENTROPY_BINS = 2048       # TensorRT EntropyCalibrator2: |x| histogram bins over [0, amax_observed]
+ENTROPY_LEVELS = 128      # quantized levels of the positive half
+ENTROPY_START = 128       # first candidate bin
+SCALES_FORMAT = "trtkit-scales"
+SCALES_VERSION = 1
+TINY_AMAX = 1e-8          # used for tensors that are identically zero (scales must be > 0)
+
+
+# ---- statistics --------------------------------------------------------------------------------------------
+
+@dataclass
+class TensorStats:
+    """Mergeable statistics of one tensor: min, max, count and a |x| histogram over [0, range)."""
+
+    name: str
+    count: int = 0
+    min: float = math.inf
+    max: float = -math.inf
+    range: float = 0.0
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(FINE_BINS, dtype=np.int64))
+    nonfinite: int = 0
+
+    @property
+    def absmax(self) -> float:
+        if self.count == 0:
+            return 0.0
+        return float(max(abs(self.min), abs(self.max)))
+
+    def _grow(self, new_range: float) -> None:
+        if self.range == 0.0:
+            self.range = new_range
+            return
+        factor = int(round(new_range / self.range))
+        if factor <= 1:
+            return
+        if factor >= FINE_BINS:
+            merged = np.zeros(FINE_BINS, dtype=np.int64)
+            merged[0] = self.hist.sum()
+        else:
+            merged = np.zeros(FINE_BINS, dtype=np.int64)
+            merged[: FINE_BINS // factor] = self.hist.reshape(-1, factor).sum(axis=1)
+        self.hist = merged
+        self.range = new_range
+
+    def update(self, values: np.ndarray) -> None:
+        """Add a batch of values (any shape). Non-finite values are counted and left out."""
+        x = np.asarray(values)
+        if x.size == 0:
+            return
+        if x.dtype.kind != "f":
+            x = x.astype(np.float32)
+        x = x.reshape(-1)
+        finite = np.isfinite(x)
+        if not finite.all():
+            self.nonfinite += int(x.size - np.count_nonzero(finite))
+            x = x[finite]
+            if x.size == 0:
+                return
+        lo, hi = float(x.min()), float(x.max())
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        self.count += int(x.size)
+        amax = max(abs(lo), abs(hi))
+        if amax > 0.0:
+            _, exponent = math.frexp(amax)  # amax < 2**exponent
+            new_range = math.ldexp(1.0, exponent)
+            if new_range > self.range:
+                self._grow(new_range)
+        if self.range == 0.0:
+            self.hist[0] += x.size
+            return
+        factor = x.dtype.type(FINE_BINS / self.range)  # a power of two: x * factor is exact
+        index = (np.abs(x) * factor).astype(np.int64)
+        np.minimum(index, FINE_BINS - 1, out=index)
+        self.hist += np.bincount(index, minlength=FINE_BINS)
+
+    def merge(self, other: TensorStats) -> TensorStats:
+        """Combine with statistics of other samples (exact: same as collecting them together)."""
+        result = TensorStats(self.name, self.count, self.min, self.max, self.range, self.hist.copy(), self.nonfinite)
+        if other.count == 0:
+            return result
+        result.min, result.max = min(self.min, other.min), max(self.max, other.max)
+        result.count += other.count
+        result.nonfinite += other.nonfinite
+        target = max(self.range, other.range)
+        result._grow(target)
+        theirs = TensorStats(other.name, other.count, other.min, other.max, other.range, other.hist.copy())
+        theirs._grow(target)
+        if result.range == 0.0:
+            result.range = theirs.range
+        result.hist = result.hist + theirs.hist
+        return result
+
+    def histogram(self, bins: int = ENTROPY_BINS, upper: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, edges) of |x| with `bins` bins over [0, upper] (default the observed |x| max).
+
+        Derived from the fine histogram by interpolating its cumulative counts (counts may be fractional).
+        """
+        upper = self.absmax if upper is None else upper
+        edges = np.linspace(0.0, upper, bins + 1)
+        if self.range == 0.0 or upper <= 0.0:
+            counts = np.zeros(bins)
+            counts[0] = float(self.hist.sum())
+            return counts, edges
+        fine_edges = np.linspace(0.0, self.range, FINE_BINS + 1)
+        cumulative = np.concatenate([[0.0], np.cumsum(self.hist, dtype=np.float64)])
+        at = np.interp(edges, fine_edges, cumulative)
+        at[-1] = cumulative[-1] if upper >= self.absmax else at[-1]
+        return np.diff(at), edges
+
+    def to_summary(self) -> dict[str, Any]:
+        return {"min": self.min, "max": self.max, "count": self.count}
+
+
+# ---- methods (vectorised; used by the built-in calibrator plugins) ----------------------------------------
+
+def amax_minmax(stats: TensorStats) -> float:
+    return stats.absmax
+
+
+def amax_percentile(stats: TensorStats, percentile: float = 99.99) -> float:
+    """The given percentile of |x| (linear interpolation inside the fine histogram's bins)."""
+    if not 0.0 < percentile <= 100.0:
+        raise OptionError(f"percentile must be in (0, 100], got {percentile}")
+    if stats.count == 0 or stats.range == 0.0:
+        return stats.absmax
+    cumulative = np.concatenate([[0.0], np.cumsum(stats.hist, dtype=np.float64)])
+    total = cumulative[-1]
+    # numpy's 'linear' percentile of n sorted values sits at rank p/100 * (n - 1); count ranks from 0.5.
+    rank = percentile / 100.0 * (total - 1) + 0.5
+    fine_edges = np.linspace(0.0, stats.range, FINE_BINS + 1)
+    value = float(np.interp(rank, cumulative, fine_edges))
+    return min(value, stats.absmax)
+
+
+def amax_entropy(stats: TensorStats, bins: int = ENTROPY_BINS, levels: int = ENTROPY_LEVELS,
+                 start: int = ENTROPY_START) -> float:
+    """TensorRT EntropyCalibrator2: the threshold whose 128-level quantization has minimal KL(P||Q).
+
+    |x| histogram with `bins` bins over [0, observed max]; for each candidate i in start..bins, P = first i bins
+    with the outliers added to bin i-1, Q = the first i bins merged into `levels` levels and expanded back
+    (empty bins stay empty); the threshold is the edge of bin i with minimal divergence (last one on ties).
+    Vectorised over all candidates.
+    """
+    absmax = stats.absmax
+    if stats.count == 0 or absmax <= 0.0:
+        return absmax
+    counts, edges = stats.histogram(bins)
+    total = counts.sum()
+    if total <= 0:
+        return absmax
+    # KL(P||Q) per candidate in O(levels) from prefix sums (no per-bin work per candidate):
+    # T*KL = sum P log P - T log T + T log C_i - sum_j S_j log(S_j / N_j) - O_i log Q_{i-1}
+    candidates = np.arange(start, bins + 1)
+    cumulative = np.concatenate([[0.0], np.cumsum(counts)])
+    nonzero = counts > 0
+    cum_nonzero = np.concatenate([[0], np.cumsum(nonzero)])
+    xlogx = np.where(nonzero, counts * np.log(np.where(nonzero, counts, 1.0)), 0.0)
+    cum_xlogx = np.concatenate([[0.0], np.cumsum(xlogx)])
+    i = candidates[:, None]
+    bounds = (np.arange(levels + 1)[None, :] * i + levels - 1) // levels   # first bin of each level
+    level_sum = cumulative[bounds[:, 1:]] - cumulative[bounds[:, :-1]]
+    level_nz = cum_nonzero[bounds[:, 1:]] - cum_nonzero[bounds[:, :-1]]
+    used = (level_nz > 0) & (level_sum > 0)
+    density = np.where(used, level_sum / np.where(used, level_nz, 1), 0.0)
+    cross = np.where(used, level_sum * np.log(np.where(used, density, 1.0)), 0.0).sum(axis=1)
+    inside = cumulative[candidates]                    # C_i
+    outliers = total - inside                          # O_i
+    last = counts[candidates - 1] + outliers           # P_{i-1}
+    p_log_p = cum_xlogx[candidates - 1] + np.where(last > 0, last * np.log(np.where(last > 0, last, 1.0)), 0.0)
+    last_q = density[:, -1]                            # Q_{i-1}: bin i-1 is in the last level
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = np.where(outliers > 0, outliers * np.log(np.where(last_q > 0, last_q, 1.0)), 0.0)
+        divergence = (p_log_p - total * math.log(total) + total * np.log(np.where(inside > 0, inside, 1.0))
+                      - cross - tail) / total
+    impossible = (inside <= 0) | ((outliers > 0) & (counts[candidates - 1] <= 0))
+    divergence = np.where(impossible, math.inf, divergence)
+    best_i = int(candidates[len(divergence) - 1 - int(np.argmin(divergence[::-1]))])
+    return float(edges[best_i])
+
+
+def amax_mse(stats: TensorStats, bins: int = ENTROPY_BINS, start: int = ENTROPY_START, stride: int = 2) -> float:
+    """The threshold minimising the mean squared quantization error of |x| (int8 symmetric, 127 levels)."""
+    absmax = stats.absmax
+    if stats.count == 0 or absmax <= 0.0:
+        return absmax
+    counts, edges = stats.histogram(bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    candidates = edges[np.arange(start, bins + 1, stride)]
+    best, best_err = absmax, math.inf
+    for block in np.array_split(candidates, max(1, len(candidates) // 128)):
+        step = block[:, None] / 127.0
+        quantized = np.minimum(np.round(centers[None, :] / step), 127.0) * step
+        error = ((centers[None, :] - quantized) ** 2 * counts[None, :]).sum(axis=1)
+        index = int(np.argmin(error))
+        if error[index] < best_err:
+            best_err, best = float(error[index]), float(block[index])
+    return best
+
+
+# ---- which tensors to observe -----------------------------------------------------------------------------
+
+def float_activations(model: onnx.ModelProto) -> list[str]:
+    """Every floating-point activation (graph inputs and node outputs, not weights/constants), graph order."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:
+        inferred = model
+    graph = inferred.graph
+    types: dict[str, int] = {}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        if value.type.HasField("tensor_type"):
+            types[value.name] = value.type.tensor_type.elem_type
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    initializers = {t.name for t in graph.initializer}
+    constants = {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    names: list[str] = []
+    seen: set[str] = set()
+    candidates = [v.name for v in graph.input] + [o for n in graph.node for o in n.output]
+    for name in candidates:
+        if not name or name in seen or name in initializers or name in constants:
+            continue
+        seen.add(name)
+        if types.get(name, onnx.TensorProto.FLOAT) in floats:
+            names.append(name)
+    return names
+
+
+def tensors_to_observe(model: onnx.ModelProto, which: str | Iterable[str] = "quantizable") -> list[str]:
+    """'quantizable' (what the QDQ builder may quantize), 'all' (every float activation) or explicit names."""
+    if not isinstance(which, str):
+        names = list(which)
+        _check_names(model, names, "tensor")
+        return names
+    if which == "all":
+        return float_activations(model)
+    if which == "quantizable":
+        from .qdq import activation_candidates
+
+        return activation_candidates(model)
+    raise OptionError(f"tensors must be 'quantizable', 'all' or a list of names, got {which!r}")
+
+
+def tensor_names(model: onnx.ModelProto) -> set[str]:
+    graph = model.graph
+    return ({v.name for v in graph.input} | {o for n in graph.node for o in n.output} | {v.name for v in graph.output}
+            | {t.name for t in graph.initializer}) - {""}
+
+
+def _check_names(model: onnx.ModelProto, names: Iterable[str], kind: str, where: str = "") -> None:
+    known = tensor_names(model)
+    for name in names:
+        if name not in known:
+            error = unknown_name(kind, name, known)
+            raise UnknownNameError(f"{where}: {error}" if where else str(error))
+
+
+# ---- collection --------------------------------------------------------------------------------------------
+
+def model_fingerprint(model: onnx.ModelProto) -> str:
+    """SHA-256 of the graph (nodes, initializers or their external references), ignoring trtkit metadata."""
+    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _artifact(model: Any) -> ModelArtifact:
+    from .model import ModelArtifact
+
+    if isinstance(model, ModelArtifact):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return ModelArtifact.load(model)
+    return ModelArtifact.from_model(model)
+
+
+@dataclass
+class Statistics:
+    """What one pass over the calibration data collected: per-tensor statistics plus fingerprints."""
+
+    tensors: dict[str, TensorStats]
+    num_samples: int
+    model: dict[str, Any]
+    data: dict[str, Any]
+    names: set[str] = field(default_factory=set)  # every tensor name of the model (to validate overrides)
+
+    def compute(self, method: str = "entropy", overrides: Any = None, options: Mapping[str, Any] | None = None
+                ) -> Scales:
+        """Scales from these statistics with the calibrator plugin `method`; `overrides` pin chosen tensors."""
+        from .registry import get_registry
+
+        calibrator = get_registry().calibrator(method)
+        resolved = calibrator.resolve_options(options)
+        pinned = load_overrides(overrides, self.names) if overrides is not None else {}
+        amax: dict[str, float] = {}
+        sources: dict[str, str] = {}
+        for name, stats in self.tensors.items():
+            if name in pinned:
+                continue
+            value = float(calibrator.compute_amax(stats, **resolved))
+            if not math.isfinite(value) or value < 0:
+                raise DataError(f"calibrator '{method}' returned amax {value} for tensor '{name}'")
+            amax[name] = value if value > 0 else TINY_AMAX
+            sources[name] = method
+        for name, value in pinned.items():
+            amax[name] = value
+            sources[name] = "override"
+        summary = {name: self.tensors[name].to_summary() for name in self.tensors}
+        return Scales(
+            amax, method=method, options=resolved, model=self.model, data=self.data, sources=sources, stats=summary
+        )
+
+
+def collect(
+    model: Any,
+    data: Any,
+    tensors: str | Iterable[str] = "quantizable",
+    batch_size: int = 32,
+    limit: int | None = None,
+    preprocess: Any = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> Statistics:
+    """Run the model over the data once (onnxruntime, FP32) and reduce every observed tensor's values."""
+    from .data import DataFingerprint, DataSource, load_data
+    from .runtime import session
+    from .ui import track
+
+    artifact = _artifact(model)
+    onnx_model = artifact.model
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx_model.graph.node):
+        raise InputFileError(f"{artifact.source or 'model'}: already quantized (has Q/DQ nodes); calibrate the FP32 model")
+    source = data if isinstance(data, DataSource) else load_data(
+        data, onnx_model, batch_size=batch_size, limit=limit, preprocess=preprocess
+    )
+    names = tensors_to_observe(onnx_model, tensors)
+    outputs = {o.name for o in onnx_model.graph.output}
+    extra = [n for n in names if n not in outputs]
+    sess = session(artifact, threads=threads, extra_outputs=extra)
+    available = {o.name for o in sess.get_outputs()} | {i.name for i in sess.get_inputs()}
+    fetch = [n for n in names if n in available and n not in source.input_names]
+    observed_inputs = [n for n in names if n in source.input_names]
+    stats = {name: TensorStats(name) for name in names if name in available}
+    fingerprint = DataFingerprint(source.input_names)
+
+    def reduce(feeds: dict[str, np.ndarray], results: list[np.ndarray]) -> None:
+        fingerprint.update(feeds)
+        for name in observed_inputs:
+            stats[name].update(feeds[name])
+        for name, value in zip(fetch, results, strict=True):
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                stats[name].update(value)
+
+    batches: Iterator[dict[str, np.ndarray]] = source.batches()
+    if progress:
+        batches = track(batches, total=_num_batches(source), description="calibrating")
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtkit-calib") as pool:
+        pending = None
+        for feeds in batches:
+            future = pool.submit(sess.run, fetch, feeds)
+            if pending is not None:
+                reduce(*_result(pending))
+            pending = (feeds, future)
+        if pending is not None:
+            reduce(*_result(pending))
+    for name in list(stats):
+        if stats[name].count == 0:  # e.g. non-float outputs after all
+            del stats[name]
+    for name, item in stats.items():
+        if item.nonfinite:
+            raise DataError(f"tensor '{name}' produced {item.nonfinite} NaN/Inf value(s) on the calibration data")
+    model_info = {"sha256": model_fingerprint(onnx_model), "name": artifact.source.name if artifact.source else None}
+    data_info = {"sha256": fingerprint.hexdigest(), "samples": fingerprint.num_samples, "source": source.description}
+    return Statistics(stats, fingerprint.num_samples, model_info, data_info, tensor_names(onnx_model))
+
+
+def _num_batches(source: DataSource) -> int | None:
+    if source.num_samples is None:
+        return None
+    return -(-source.num_samples // source.batch_size)
+
+
+def _result(pending: tuple[dict[str, np.ndarray], Any]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    feeds, future = pending
+    try:
+        return feeds, future.result()
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"onnxruntime failed on the calibration data: {first}") from None
+
+
+def calibrate(
+    model: Any,
+    data: Any,
+    method: str = "entropy",
+    overrides: Any = None,
+    options: Mapping[str, Any] | None = None,
+    tensors: str | Iterable[str] = "quantizable",
+    batch_size: int = 32,
+    limit: int | None = None,
+    preprocess: Any = None,
+    threads: int | None = None,
+    progress: bool = True,
+    output: str | os.PathLike[str] | None = None,
+) -> Scales:
+    """Collect statistics over `data` and compute per-tensor ranges with `method` (a calibrator plugin).
+
+    model: path, ModelArtifact or ModelProto (FP32). data: anything `trtkit.data.load_data` accepts.
+    overrides: tensor -> amax mapping, or a JSON/YAML file of tensor -> amax / {"amax"| "scale": v}, or a
+    TensorRT calibration cache; pinned tensors keep these values. output: also save the scales JSON there.
+    """
+    from .registry import get_registry
+
+    get_registry().calibrator(method)  # unknown names fail before any work
+    if overrides is not None and not isinstance(overrides, Mapping):
+        _read_overrides_file(overrides)  # bad files fail before any work
+    stats = collect(model, data, tensors=tensors, batch_size=batch_size, limit=limit, preprocess=preprocess,
+                    threads=threads, progress=progress)
+    scales = stats.compute(method, overrides=overrides, options=options)
+    if output is not None:
+        scales.save(output)
+    return scales
+
+
+# ---- custom scales -----------------------------------------------------------------------------------------
+
+def _read_overrides_file(path: Any) -> tuple[dict[str, float], str]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.startswith("TRT-"):
+        from .trtcache import read_cache
+
+        return dict(read_cache(path)), str(path)
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as exc:
+        raise InputFileError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({type(exc).__name__})") from None
+    if isinstance(raw, dict) and raw.get("format") == SCALES_FORMAT:
+        raw = {name: entry for name, entry in raw.get("tensors", {}).items()}
+    if not isinstance(raw, dict):
+        raise InputFileError(f"{path}: expected a mapping of tensor name -> amax")
+    return _parse_override_values(raw, str(path)), str(path)
+
+
+def _parse_override_values(raw: Mapping[Any, Any], where: str) -> dict[str, float]:
+    result: dict[str, float] = {}
+    for name, entry in raw.items():
+        if isinstance(entry, Mapping):
+            if "amax" in entry:
+                value = entry["amax"]
+                factor = 1.0
+            elif "scale" in entry:
+                value = entry["scale"]
+                factor = 127.0
+            else:
+                raise DataError(f"{where}: tensor '{name}' needs 'amax' or 'scale'")
+        else:
+            value, factor = entry, 1.0
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"{where}: tensor '{name}' has a non-numeric value {value!r}")
+        if not math.isfinite(float(value)) or float(value) <= 0:
+            raise DataError(f"{where}: tensor '{name}' has a non-positive or non-finite value {value!r} (must be > 0)")
+        result[str(name)] = float(value) * factor
+    return result
+
+
+def load_overrides(overrides: Any, known: set[str] | None = None) -> dict[str, float]:
+    """Custom scales as tensor -> amax; names are checked against `known` (close matches listed)."""
+    if isinstance(overrides, Scales):
+        values, where = dict(overrides), "overrides"
+    elif isinstance(overrides, Mapping):
+        values, where = _parse_override_values(overrides, "overrides"), "overrides"
+    else:
+        values, where = _read_overrides_file(overrides)
+    if known is not None:
+        for name in values:
+            if name not in known:
+                raise UnknownNameError(f"{where}: {unknown_name('tensor', name, known)}")
+    return values
+
+
+# ---- the Scales object -------------------------------------------------------------------------------------
+
+class Scales(Mapping[str, float]):
+    """tensor name -> amax (symmetric int8: scale = amax / 127), with how and from what they were computed."""
+
+    def __init__(
+        self,
+        amax: Mapping[str, float],
+        method: str = "custom",
+        options: Mapping[str, Any] | None = None,
+        model: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
+        sources: Mapping[str, str] | None = None,
+        stats: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        for name, value in amax.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise DataError(f"tensor '{name}': amax must be a positive finite number, got {value!r}")
+        self._amax = {str(k): float(v) for k, v in amax.items()}
+        self.method = method
+        self.options = dict(options or {})
+        self.model = dict(model or {})
+        self.data = dict(data or {})
+        self.sources = {k: sources.get(k, method) for k in self._amax} if sources else dict.fromkeys(self._amax, method)
+        self.stats = {k: dict(v) for k, v in (stats or {}).items()}
+        self.zero: list[str] = []  # tensors a TensorRT cache gave scale 0 (no range; written back as 0)
+
+    def __getitem__(self, name: str) -> float:
+        return self._amax[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._amax)
+
+    def __len__(self) -> int:
+        return len(self._amax)
+
+    def __repr__(self) -> str:
+        return f"Scales({len(self)} tensors, method={self.method!r})"
+
+    def scale(self, name: str) -> float:
+        return self._amax[name] / 127.0
+
+    def with_overrides(self, overrides: Any, known: set[str] | None = None) -> Scales:
+        pinned = load_overrides(overrides, known)
+        amax = {**self._amax, **pinned}
+        sources = {**self.sources, **dict.fromkeys(pinned, "override")}
+        return Scales(amax, self.method, self.options, self.model, self.data, sources, self.stats)
+
+    def to_dict(self) -> dict[str, Any]:
+        tensors = {}
+        for name in sorted(self._amax):
+            entry: dict[str, Any] = {"amax": self._amax[name], "scale": self._amax[name] / 127.0,
+                                     "source": self.sources.get(name, self.method)}
+            if name in self.stats:
+                entry["min"] = self.stats[name].get("min")
+                entry["max"] = self.stats[name].get("max")
+            tensors[name] = entry
+        return {
+            "format": SCALES_FORMAT,
+            "version": SCALES_VERSION,
+            "method": self.method,
+            "options": self.options,
+            "model": self.model,
+            "data": self.data,
+            "tensors": tensors,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        from .fileio import write_text
+
+        write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Scales:
+        """Read a scales JSON (ours), a plain JSON/YAML tensor -> amax file, or a TensorRT calibration cache."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputFileError(f"{path}: no such file")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("TRT-"):
+            from .trtcache import read_cache
+
+            return read_cache(path)
+        try:
+            raw = json.loads(text) if path.suffix.lower() not in (".yaml", ".yml") else None
+        except json.JSONDecodeError:
+            raise InputFileError(f"{path}: not a scales JSON file") from None
+        if isinstance(raw, dict) and raw.get("format") == SCALES_FORMAT:
+            tensors = raw.get("tensors")
+            if not isinstance(tensors, dict):
+                raise InputFileError(f"{path}: scales file without a 'tensors' mapping")
+            amax = _parse_override_values(tensors, str(path))
+            sources = {n: e.get("source", raw.get("method", "custom")) for n, e in tensors.items() if isinstance(e, dict)}
+            stats = {n: {"min": e["min"], "max": e["max"]} for n, e in tensors.items()
+                     if isinstance(e, dict) and "min" in e and "max" in e}
+            return cls(amax, raw.get("method", "custom"), raw.get("options"), raw.get("model"), raw.get("data"),
+                       sources, stats)
+        values, _ = _read_overrides_file(path)
+        return cls(values, method="custom", sources=dict.fromkeys(values, "override"))
+
+
+def as_scales(value: Any) -> Scales:
+    """Scales from a Scales, a mapping tensor -> amax, or a file path."""
+    if isinstance(value, Scales):
+        return value
+    if isinstance(value, Mapping):
+        return Scales(_parse_override_values(value, "scales"))
+    if isinstance(value, (str, os.PathLike)):
+        return Scales.load(value)
+    raise OptionError(f"scales must be a Scales object, a mapping or a file path, not {type(value).__name__}")
