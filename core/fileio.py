@@ -88,7 +88,8 @@ def atomic_paths(targets: Sequence[str | os.PathLike[str]], suffix: str = "") ->
     temps: list[Path] = []
     try:
         for target in paths:
-            temps.append(_new_temp(target, suffix))
+            with _signals_deferred():  # a signal between creating and recording the file would leak it
+                temps.append(_new_temp(target, suffix))
         yield list(temps)
         for tmp, target in zip(temps, paths, strict=True):
             _finish(tmp, target)
