@@ -175,18 +175,23 @@ def _as_array(value: Any, name: str, where: str) -> np.ndarray:
     return array
 
 
-def check_spec(array: np.ndarray, spec: TensorSpec, where: str, batched: bool = True) -> np.ndarray:
-    """Check one input array's rank/dims/dtype against the model input; returns it cast to the model dtype."""
+def check_spec(array: np.ndarray, spec: TensorSpec, where: str, batched: bool = True,
+               shown: tuple[int, ...] | None = None) -> np.ndarray:
+    """Check one input array's rank/dims/dtype against the model input; returns it cast to the model dtype.
+
+    shown: the shape to print in errors (when `array` is an empty slice of the real data).
+    """
     expected = spec.shape
+    shown = tuple(array.shape) if shown is None else tuple(shown)
     if array.ndim != len(expected):
         raise DataError(
-            f"{where}: input '{spec.name}' has shape {_shape_text(array.shape)}, the model expects "
+            f"{where}: input '{spec.name}' has shape {_shape_text(shown)}, the model expects "
             f"{_shape_text(expected)} (rank {array.ndim} vs {len(expected)})"
         )
     for axis, (got, want) in enumerate(zip(array.shape, expected, strict=True)):
         if isinstance(want, int) and want > 0 and got != want and not (batched and axis == 0):
             raise DataError(
-                f"{where}: input '{spec.name}' has shape {_shape_text(array.shape)}, the model expects "
+                f"{where}: input '{spec.name}' has shape {_shape_text(shown)}, the model expects "
                 f"{_shape_text(expected)} (axis {axis}: {got} vs {want})"
             )
     want_dtype = np.dtype(spec.dtype)
@@ -339,7 +344,7 @@ def _arrays(arrays: dict[str, Any], specs: list[TensorSpec], batch_size: int, li
         if array.ndim == 0:
             raise DataError(f"{where}: input '{spec.name}' is a scalar, expected samples of shape {_shape_text(spec.shape)}")
         # Validate shape and dtype up front on an empty slice (no data read).
-        check_spec(np.asarray(array[:0]), spec, where)
+        check_spec(np.asarray(array[:0]), spec, where, shown=tuple(array.shape))
         counts.add(int(array.shape[0]))
     if len(counts) != 1:
         raise DataError(f"{where}: inputs have different numbers of samples ({sorted(counts)})")

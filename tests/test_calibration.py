@@ -1,0 +1,254 @@
+"""Statistics and calibrators: known answers on synthetic distributions, invariance, overrides, scales files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from conftest import run_cli
+from qdq_models import conv_model, random_batch, residual_model
+
+from trtkit.calibration import (
+    FINE_BINS,
+    Scales,
+    TensorStats,
+    amax_entropy,
+    amax_minmax,
+    amax_mse,
+    amax_percentile,
+    calibrate,
+    collect,
+)
+from trtkit.errors import DataError, InputFileError, UnknownNameError
+from trtkit.registry import get_registry
+
+METHODS = ("minmax", "entropy", "percentile", "mse")
+
+
+def _stats(values, batch=None, name="t"):
+    stats = TensorStats(name)
+    values = np.asarray(values, np.float32)
+    if batch is None:
+        stats.update(values)
+    else:
+        for start in range(0, len(values), batch):
+            stats.update(values[start:start + batch])
+    return stats
+
+
+def _all_methods(stats):
+    registry = get_registry()
+    return {m: registry.calibrator(m).compute_amax(stats, **registry.calibrator(m).resolve_options({}))
+            for m in METHODS}
+
+
+@pytest.fixture(scope="module")
+def heavy_tailed():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(200_000).astype(np.float32)
+    x[:20] = rng.uniform(50, 100, size=20)  # a few huge outliers dominate the range
+    return rng.permutation(x)
+
+
+def test_statistics_do_not_depend_on_batch_size_or_order(heavy_tailed):
+    reference = _stats(heavy_tailed)
+    # growing ranges: small values first, then larger ones, in different batchings and orders
+    for values, batch in ((heavy_tailed, 7), (heavy_tailed[np.argsort(np.abs(heavy_tailed))], 1000),
+                          (heavy_tailed[::-1], 65536)):
+        other = _stats(values, batch)
+        assert other.range == reference.range and other.count == reference.count
+        assert other.min == reference.min and other.max == reference.max
+    sorted_stats = _stats(heavy_tailed[np.argsort(np.abs(heavy_tailed))], 333)
+    np.testing.assert_array_equal(sorted_stats.hist, reference.hist)
+    assert _all_methods(sorted_stats) == _all_methods(reference)
+
+
+def test_merge_is_exact(heavy_tailed):
+    a, b = _stats(heavy_tailed[:1000] * 0.01), _stats(heavy_tailed[1000:])
+    merged = a.merge(b)
+    whole = _stats(np.concatenate([heavy_tailed[:1000] * 0.01, heavy_tailed[1000:]]))
+    np.testing.assert_array_equal(merged.hist, whole.hist)
+    assert (merged.range, merged.count, merged.min, merged.max) == (whole.range, whole.count, whole.min, whole.max)
+
+
+def test_histogram_range_is_the_next_power_of_two():
+    stats = _stats([0.3, -5.0, 2.0])
+    assert stats.range == 8.0 and stats.absmax == 5.0 and stats.hist.sum() == 3
+    assert stats.hist[int(5.0 / 8.0 * FINE_BINS)] == 1
+
+
+def test_minmax_and_percentile_match_numpy(heavy_tailed):
+    stats = _stats(heavy_tailed, 4096)
+    assert amax_minmax(stats) == pytest.approx(np.abs(heavy_tailed).max())
+    width = stats.range / FINE_BINS
+    for p in (50.0, 99.0, 99.9, 99.99):
+        expected = np.percentile(np.abs(heavy_tailed), p)
+        assert abs(amax_percentile(stats, p) - expected) <= width, p
+    assert amax_percentile(stats, 100.0) == pytest.approx(np.abs(heavy_tailed).max())
+
+
+def _entropy_reference(counts: np.ndarray, edges: np.ndarray, levels: int = 128, start: int = 128) -> float:
+    """A direct loop transcription of EntropyCalibrator2 as specified (P with outliers folded in, Q = P merged
+    into `levels` levels of i // levels bins, the last taking the remainder, expanded over non-empty bins)."""
+    best, best_kl = None, math.inf
+    for i in range(start, len(counts) + 1):
+        p = counts[:i].copy()
+        p[i - 1] += counts[i:].sum()
+        q = np.zeros(i)
+        merged = i // levels
+        for j in range(levels):
+            lo, hi = j * merged, (i if j == levels - 1 else (j + 1) * merged)
+            members = np.zeros(i, bool)
+            members[lo:hi] = p[lo:hi] > 0
+            if members.any():
+                q[members] = p[lo:hi].sum() / members.sum()
+        p, q = p / p.sum(), q / q.sum()
+        mask = p > 0
+        kl = float((p[mask] * np.log(p[mask] / q[mask])).sum())
+        if kl <= best_kl:
+            best, best_kl = i, kl
+    return float(edges[best])
+
+
+def test_entropy_matches_the_reference_loop(heavy_tailed):
+    stats = _stats(heavy_tailed)
+    counts, edges = stats.histogram(512)
+    assert amax_entropy(stats, bins=512) == pytest.approx(_entropy_reference(counts, edges), rel=1e-12)
+    # sparse histogram (empty bins must stay empty in Q)
+    sparse = _stats(np.round(heavy_tailed * 4) / 4)
+    counts, edges = sparse.histogram(256)
+    assert amax_entropy(sparse, bins=256) == pytest.approx(_entropy_reference(counts, edges), rel=1e-12)
+
+
+def test_entropy_picks_a_threshold_well_inside_an_outlier_dominated_range(heavy_tailed):
+    stats = _stats(heavy_tailed)
+    amax = amax_entropy(stats)
+    assert amax_minmax(stats) > 50
+    assert 2.5 < amax < 15  # covers the Gaussian bulk, ignores the 20 outliers
+
+
+def test_mse_is_near_the_brute_force_optimum():
+    x = np.random.default_rng(1).laplace(size=100_000).astype(np.float32)
+    stats = _stats(x)
+    chosen = amax_mse(stats)
+
+    def error(amax):
+        step = amax / 127
+        return float(np.mean((x - np.clip(np.round(x / step), -127, 127) * step) ** 2))
+
+    grid = np.linspace(0.5, np.abs(x).max(), 400)
+    best = min(error(a) for a in grid)
+    assert error(chosen) <= 1.05 * best
+    assert chosen < 0.9 * np.abs(x).max()
+
+
+def test_zero_and_nonfinite_tensors():
+    zero = _stats(np.zeros(100))
+    assert all(v == 0.0 for v in _all_methods(zero).values())
+    stats = TensorStats("t")
+    stats.update(np.array([1.0, np.nan, np.inf], np.float32))
+    assert stats.nonfinite == 2 and stats.count == 1
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("calib")
+    model = residual_model()
+    onnx.save(model, folder / "m.onnx")
+    data = random_batch(model, 40)
+    np.save(folder / "d.npy", data)
+    return folder, model, data
+
+
+def test_calibrate_is_batch_size_and_order_invariant(small):
+    folder, model, data = small
+    stats_a = collect(folder / "m.onnx", data, batch_size=3, progress=False)
+    stats_b = collect(folder / "m.onnx", data[::-1].copy(), batch_size=16, progress=False)
+    assert set(stats_a.tensors) == set(stats_b.tensors) and len(stats_a.tensors) >= 5
+    for method in METHODS:
+        a, b = stats_a.compute(method), stats_b.compute(method)
+        assert dict(a) == dict(b), method
+        assert all(v > 0 for v in a.values())
+    assert stats_a.data["sha256"] != stats_b.data["sha256"]  # the fingerprint records the data order
+    assert stats_a.model["sha256"] == stats_b.model["sha256"]
+
+
+def test_scales_file_round_trip_and_determinism(small, tmp_path):
+    folder, _, data = small
+    scales = calibrate(folder / "m.onnx", data, method="percentile", options={"percentile": 99.9}, progress=False)
+    scales.save(tmp_path / "a.json")
+    again = calibrate(folder / "m.onnx", data, method="percentile", options={"percentile": 99.9}, progress=False)
+    again.save(tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    loaded = Scales.load(tmp_path / "a.json")
+    assert dict(loaded) == dict(scales) and loaded.method == "percentile"
+    assert loaded.options == {"percentile": 99.9}
+    content = json.loads((tmp_path / "a.json").read_text())
+    assert content["model"]["sha256"] and content["data"]["samples"] == 40
+    name = next(iter(scales))
+    assert content["tensors"][name]["scale"] == pytest.approx(scales[name] / 127)
+
+
+def test_overrides_pin_tensors_and_are_validated(small, tmp_path):
+    folder, _, data = small
+    stats = collect(folder / "m.onnx", data, progress=False)
+    base = stats.compute("minmax")
+    pinned = stats.compute("minmax", overrides={"x": 3.0})
+    assert pinned["x"] == 3.0 and pinned.sources["x"] == "override"
+    assert {k: v for k, v in pinned.items() if k != "x"} == {k: v for k, v in base.items() if k != "x"}
+    (tmp_path / "o.yaml").write_text("relu0_out:\n  scale: 0.5\n")
+    assert stats.compute("minmax", overrides=tmp_path / "o.yaml")["relu0_out"] == pytest.approx(63.5)
+    with pytest.raises(UnknownNameError, match=r"unknown tensor 'relu0_ot'.*did you mean: relu0_out"):
+        stats.compute("minmax", overrides={"relu0_ot": 1.0})
+    (tmp_path / "bad.json").write_text(json.dumps({"relu0_out": -1.0}))
+    with pytest.raises(DataError, match=r"bad.json: tensor 'relu0_out' has a non-positive"):
+        stats.compute("minmax", overrides=tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(InputFileError, match="broken.json"):
+        calibrate(folder / "m.onnx", data, overrides=tmp_path / "broken.json", progress=False)
+
+
+def test_unknown_calibrator_lists_close_matches(small):
+    folder, _, data = small
+    with pytest.raises(UnknownNameError, match=r"unknown calibrator 'entrophy'.*did you mean: entropy"):
+        calibrate(folder / "m.onnx", data, method="entrophy", progress=False)
+
+
+def test_quantized_models_are_refused(small, tmp_path):
+    from trtkit.qdq import quantize
+
+    folder, _, data = small
+    quantize(folder / "m.onnx", calibrate(folder / "m.onnx", data, progress=False), output=tmp_path / "q.onnx")
+    with pytest.raises(InputFileError, match="already quantized"):
+        calibrate(tmp_path / "q.onnx", data, progress=False)
+
+
+def test_all_tensors_mode_observes_every_float_activation():
+    model = conv_model()
+    stats = collect(model, random_batch(model, 8), tensors="all", progress=False)
+    assert set(stats.tensors) == {"x", "conv1_out", "relu1_out", "conv2_out"}
+    quantizable = collect(model, random_batch(model, 8), progress=False)
+    assert set(quantizable.tensors) == {"x", "relu1_out"}
+
+
+def test_cli_calibrate_writes_scales_and_cache(small, tmp_path):
+    folder, _, _ = small
+    out, cache = tmp_path / "s.json", tmp_path / "c.cache"
+    result = run_cli("calibrate", str(folder / "m.onnx"), "--data", str(folder / "d.npy"), "-m", "percentile",
+                     "-O", "percentile=99.9", "-o", str(out), "--cache", str(cache), "--trt-version", "10.3.0",
+                     "--json", "-b", "7")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["method"] == "percentile" and summary["options"] == {"percentile": 99.9}
+    assert Scales.load(out).method == "percentile"
+    lines = cache.read_text().splitlines()
+    assert lines[0] == "TRT-100300-EntropyCalibration2"
+    assert {line.split(": ")[0] for line in lines[1:]} >= {"x", "conv0_out", "relu0_out", "add_out", "y"} - {"y"}
+    bad = run_cli("calibrate", str(folder / "m.onnx"), "--data", str(folder / "d.npy"), "-m", "percentil")
+    assert bad.returncode == 2 and "did you mean: percentile" in bad.stderr
+    bad = run_cli("calibrate", str(folder / "m.onnx"), "--data", str(folder / "d.npy"), "-O", "percentile=abc",
+                  "-m", "percentile", "-o", str(tmp_path / "t.json"))
+    assert bad.returncode == 2 and "percentile" in bad.stderr and not (tmp_path / "t.json").exists()
