@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
 from trtkit import metrics
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)

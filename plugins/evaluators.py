@@ -1,1 +1,0 @@
-"""Built-in plugin (filled in by its stage issue)."""
