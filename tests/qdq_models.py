@@ -42,11 +42,16 @@ class _Net:
         graph = helper.make_graph(
             self.nodes, "test",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, hw, hw])],
-            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+            [onnx.ValueInfoProto(name=o) for o in outputs],
             self.inits,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         model.ir_version = 8
+        inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+        for out in model.graph.output:
+            if out.name in inferred:
+                out.CopyFrom(inferred[out.name])
+        onnx.checker.check_model(model)
         return model
 
 
@@ -78,13 +83,13 @@ def concat_model(seed: int = 0) -> onnx.ModelProto:
 
 
 def pool_model(seed: int = 0) -> onnx.ModelProto:
-    """x -> conv1 -> relu -> MaxPool -> conv2 -> y ;  x -> AveragePool -> Sigmoid -> z (float neighbours)"""
+    """x -> conv1 -> relu -> MaxPool -> conv2 -> y ;  x -> Sigmoid -> AveragePool -> z (float neighbours)"""
     net = _Net(seed)
     r = net.node("Relu", [net.conv("x", 3, 16, "conv1")], "relu")
     p = net.node("MaxPool", [r], "maxpool", kernel_shape=[2, 2], strides=[2, 2])
     y = net.conv(p, 16, 8, "conv2")
-    lone = net.node("AveragePool", ["x"], "lonepool", kernel_shape=[2, 2], strides=[2, 2])
-    z = net.node("Sigmoid", [lone], "sigmoid")
+    s = net.node("Sigmoid", ["x"], "sigmoid")
+    z = net.node("AveragePool", [s], "lonepool", kernel_shape=[2, 2], strides=[2, 2])
     return net.model([y, z])
 
 
