@@ -256,6 +256,7 @@ def export_model(name: str, path: str | os.PathLike[str], batch: int = 1, dynami
                  opset: int = OPSET, seed: int = SEED) -> Path:
     """Export one zoo model to `path` (atomically) with the TorchScript exporter."""
     import torch
+
     from trtkit.fileio import atomic_path
 
     model = make_model(name, seed)
@@ -307,6 +308,7 @@ def sample_inputs(path_or_name: str | os.PathLike[str], n: int = 1, seed: int = 
     if text in _FACTORIES:
         return {INPUT_NAME: _images(rng, (n, *IMAGE_SHAPE))}
     import onnx
+
     from trtkit.runtime import input_specs
 
     model = onnx.load(text, load_external_data=False)

@@ -131,6 +131,7 @@ def _eliminate_noops(graph: Any) -> int:
     """Remove nodes that provably do nothing (Identity, inference Dropout, same-type Cast, identity Transpose,
     shape ops whose output shape equals the input's, x*1, x/1, x+0, x-0, single-input Concat, zero Pad)."""
     import numpy as np
+
     from trtkit.graph import bypass
 
     removed = 0
@@ -270,6 +271,7 @@ def simplify(artifact: ModelArtifact, fold: bool = True, input_shapes: dict[str,
 def _fold_batchnorm(graph: Any) -> int:
     """Conv/ConvTranspose/Gemm followed by BatchNormalization (inference) -> one layer with scaled weights."""
     import numpy as np
+
     from trtkit.graph import bypass
 
     folded = 0
@@ -331,6 +333,7 @@ def _fold_batchnorm(graph: Any) -> int:
 def _fold_affine_into_conv(graph: Any) -> int:
     """Conv followed by Mul/Div/Add/Sub with a per-output-channel constant -> folded into weights and bias."""
     import numpy as np
+
     from trtkit.graph import bypass
 
     folded = 0
@@ -495,6 +498,7 @@ def fuse_preprocess(artifact: ModelArtifact, input: str | None = None, scale: An
     for every channel, otherwise the pass refuses.
     """
     import numpy as np
+
     from trtkit.graph import materialized
     from trtkit.model import ModelArtifact
 
@@ -613,7 +617,7 @@ def fuse_preprocess(artifact: ModelArtifact, input: str | None = None, scale: An
             bias = _const(graph, conv.inputs[2]) if len(conv.inputs) > 2 else np.zeros(w.shape[0])
             if bias is None:
                 raise OptionError(f"fuse-preprocess: Conv '{conv.name}' has a non-constant bias; cannot fold")
-            new_bias = np.asarray(bias, np.float64).reshape(-1) + np.einsum("oc...,c->o", w, b)
+            new_bias = np.asarray(bias, np.float64).reshape(-1) + w.sum(axis=tuple(range(2, w.ndim))) @ b
             scaled = w * a.reshape(1, -1, *([1] * (w.ndim - 2)))
             new_w = np.empty_like(scaled)
             new_w[:, perm] = scaled
@@ -667,6 +671,7 @@ def _verify_preprocess(original: ModelArtifact, result: ModelArtifact, info: dic
                        raw_range: tuple[float, float], seed: int) -> float:
     """Prove new(raw) == old(preprocess(raw)) on random raw inputs; returns the max abs difference."""
     import numpy as np
+
     from trtkit.runtime import random_inputs, run, session
 
     name = info["input"]
@@ -780,6 +785,7 @@ def _sigmoid_masks(original: ModelArtifact, result: ModelArtifact, seed: int, ve
     and new does not; the check then demands that every other element is identical.
     """
     import numpy as np
+
     from trtkit.runtime import random_inputs, run, session
 
     feeds = random_inputs(result.model, seed=seed, low=-3.0, high=3.0)
