@@ -1,0 +1,115 @@
+"""The `speed` evaluator: a trtexec-style benchmark of one or more artefacts, compared in one table.
+
+Per model: warm up for `warmup_ms`, then run for `duration_s` (or exactly `iterations`, never fewer than
+`min_iterations`), timing each synchronous inference with perf_counter. Reports latency min/max/mean/median/
+p90/p95/p99, throughput (queries and samples per second), the coefficient of variation (a warning when above
+`max_cov`), and the speed-up against the first model. Runners that expose per-inference timings (TensorRT
+engines: an attribute `last_timings` = {"h2d_ms", "compute_ms", "d2h_ms"} after each run) get the
+H2D / compute / D2H split as well.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trtkit import metrics
+from trtkit.errors import DataError, OptionError
+from trtkit.evaluation import load_batches, open_model, run_mode
+from trtkit.stages import EvaluationResult
+
+
+def evaluate_speed(models: list[str], data: str | None, batch_size: int, warmup_ms: float, duration_s: float,
+                   iterations: int, min_iterations: int, threads: int, runtime_kernels: bool,
+                   max_cov: float, on_iteration: Any = None) -> EvaluationResult:
+    if warmup_ms < 0 or duration_s <= 0 or iterations < 0 or min_iterations < 1:
+        raise OptionError("speed: warmup_ms >= 0, duration_s > 0, iterations >= 0 and min_iterations >= 1")
+    rows = [benchmark(path, data, batch_size, warmup_ms, duration_s, iterations, min_iterations, threads,
+                      runtime_kernels, max_cov, on_iteration) for path in models]
+    base = rows[0]["latency"]["median_ms"]
+    for row in rows:
+        row["speedup"] = base / row["latency"]["median_ms"] if row["latency"]["median_ms"] > 0 else float("nan")
+    data_out = {"models": rows, "batch_size": batch_size, "unstable": any(r["unstable"] for r in rows)}
+    return EvaluationResult(data=data_out, summary=summary_table(rows), passed=True)
+
+
+def benchmark(path: str, data: str | None, batch_size: int, warmup_ms: float, duration_s: float,
+              iterations: int, min_iterations: int, threads: int, runtime_kernels: bool, max_cov: float,
+              on_iteration: Any = None) -> dict[str, Any]:
+    emulate = not runtime_kernels
+    runner = open_model(path, emulate_qdq=emulate, threads=threads or None)
+    feeds = _feeds(path, data, batch_size, runner)
+    samples = int(len(next(iter(feeds.values())))) if feeds and next(iter(feeds.values())).ndim else 1
+    deadline = time.perf_counter() + warmup_ms / 1000.0
+    warm = 0
+    while warm == 0 or time.perf_counter() < deadline:
+        runner.run(feeds)
+        warm += 1
+    latencies: list[float] = []
+    splits: dict[str, list[float]] = {}
+    start = time.perf_counter()
+    end_by = start + duration_s
+    while True:
+        t0 = time.perf_counter()
+        runner.run(feeds)
+        t1 = time.perf_counter()
+        latencies.append(t1 - t0)
+        timings = getattr(runner, "last_timings", None)
+        if isinstance(timings, dict):
+            for key, value in timings.items():
+                splits.setdefault(key, []).append(float(value))
+        if on_iteration is not None:
+            on_iteration(t0, t1)
+        count = len(latencies)
+        if iterations:
+            if count >= max(iterations, min_iterations):
+                break
+        elif count >= min_iterations and t1 >= end_by:
+            break
+    wall = time.perf_counter() - start
+    stats = metrics.latency_stats(latencies)
+    row: dict[str, Any] = {
+        "model": path, "mode": run_mode(path, emulate), "iterations": len(latencies), "warmup_iterations": warm,
+        "batch": samples, "latency": stats, "total_s": wall,
+        "throughput_qps": len(latencies) / wall, "samples_per_s": len(latencies) * samples / wall,
+        "unstable": stats["cov"] > max_cov,
+    }
+    if splits:
+        row["split"] = {key: {"median_ms": float(np.median(v)), "mean_ms": float(np.mean(v))}
+                        for key, v in sorted(splits.items())}
+    return row
+
+
+def _feeds(path: str, data: str | None, batch_size: int, runner: Any) -> dict[str, np.ndarray]:
+    batches = load_batches(data, path, batch_size, batch_size, seed=0)
+    if not batches:
+        raise DataError(f"{data}: no samples")
+    batch = batches[0]
+    missing = [n for n in runner.input_names if n not in batch]
+    if missing:
+        raise DataError(f"{path}: the data has no input '{missing[0]}'")
+    return {n: np.ascontiguousarray(batch[n]) for n in runner.input_names}
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    header = (f"{'model':<28} {'mode':<26} {'iters':>6} {'median':>8} {'mean':>8} {'p90':>8} {'p99':>8} "
+              f"{'min':>8} {'max':>8} {'CoV':>6} {'qps':>9} {'speedup':>7}")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lat = row["latency"]
+        lines.append(
+            f"{Path(row['model']).name[:28]:<28} {row['mode'][:26]:<26} {row['iterations']:>6} "
+            f"{lat['median_ms']:>8.3f} {lat['mean_ms']:>8.3f} {lat['p90_ms']:>8.3f} {lat['p99_ms']:>8.3f} "
+            f"{lat['min_ms']:>8.3f} {lat['max_ms']:>8.3f} {lat['cov']:>6.1%} {row['throughput_qps']:>9.1f} "
+            f"{row.get('speedup', 1.0):>6.2f}x")
+        for key, value in (row.get("split") or {}).items():
+            lines.append(f"    {key}: median {value['median_ms']:.3f} ms, mean {value['mean_ms']:.3f} ms")
+    lines.append("latencies in ms, batch " + ", ".join(sorted({str(r["batch"]) for r in rows})))
+    for row in rows:
+        if row["unstable"]:
+            lines.append(f"warning: {Path(row['model']).name}: unstable timings (CoV {row['latency']['cov']:.1%}); "
+                         "close other programs, pin threads (-O threads=N) or run longer")
+    return "\n".join(lines)
