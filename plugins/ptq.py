@@ -1,1 +1,95 @@
-"""Built-in plugin (filled in by its stage issue)."""
+"""Built-in passes beyond plain PTQ: `equalize`, `bias-correct`, `qdq-tune`.
+
+    trtkit optimize model.onnx -o model.eq.onnx --pass equalize
+    trtkit optimize model.int8.onnx -o model.bc.onnx --pass bias-correct \
+        -O reference=model.eq.onnx -O data=calib.npz
+    trtkit optimize model.int8.onnx -o model.tuned.onnx --pass qdq-tune
+
+The algorithms live in `trtkit.ptq` (numpy/onnx imported there, lazily: this module loads at CLI start-up).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from trtkit import hookimpl
+from trtkit.stages import GraphPass, Option
+
+if TYPE_CHECKING:
+    from trtkit.model import ModelArtifact
+
+
+def _equalize(artifact: ModelArtifact, iterations: int = 20, max_scale: float = 1e4, relu6: str = "skip",
+              layers: list[str] | None = None) -> ModelArtifact:
+    """Cross-layer equalization of an FP32 model (run it before calibration and quantization)."""
+    from trtkit.ptq import equalize
+
+    result, report = equalize(artifact, iterations=iterations, max_scale=max_scale, relu6=relu6, layers=layers)
+    result.metadata.setdefault("ptq", {})["equalize"] = {
+        **result.metadata.get("ptq", {}).get("equalize", {}), "report": report.as_dict()}
+    return result
+
+
+def _bias_correct(artifact: ModelArtifact, reference: str = "", data: str = "", limit: int = 256,
+                  batch_size: int = 32, iterations: int = 2, verify: bool = True) -> ModelArtifact:
+    """Empirical bias correction of a Q/DQ model against its FP32 reference on calibration data."""
+    from trtkit.ptq import bias_correct
+
+    result, _ = bias_correct(artifact, reference, data, limit=limit, batch_size=batch_size,
+                             iterations=iterations, verify=verify)
+    return result
+
+
+def _qdq_tune(artifact: ModelArtifact, align_concat: bool = True, align_pool: bool = True,
+              residual: bool = True, outputs: bool = True, verify: bool = True) -> ModelArtifact:
+    """Remove redundant Q/DQ pairs and align scales across Concat / MaxPool for TensorRT."""
+    from trtkit.ptq import qdq_tune
+
+    result, _ = qdq_tune(artifact, align_concat=align_concat, align_pool=align_pool, residual=residual,
+                         outputs=outputs, verify=verify)
+    return result
+
+
+@hookimpl
+def register_passes(register: Any) -> None:
+    register(GraphPass(
+        name="equalize",
+        description="Cross-layer weight equalization (FP32, exact): evens per-channel ranges before INT8.",
+        options={
+            "iterations": Option("int", 20, "sweeps over all layer pairs (stops early at a fixed point)"),
+            "max_scale": Option("float", 1e4, "per-channel scales are clipped to [1/max_scale, max_scale]"),
+            "relu6": Option("str", "skip", "ReLU6 (Clip 0..6) blocks equalization (skip, exact) or is treated "
+                            "as ReLU (relu, not exact)", choices=("skip", "relu")),
+            "layers": Option("list", None, "only pairs starting at these node names (default: all)"),
+        },
+        apply=_equalize,
+    ))
+    register(GraphPass(
+        name="bias-correct",
+        description="Bias correction of a Q/DQ model: subtract each layer's mean INT8 output shift.",
+        options={
+            "reference": Option("path", required=True, help="the FP32 model the Q/DQ model was quantized from"),
+            "data": Option("path", required=True, help="calibration data (anything `trtkit calibrate` reads)"),
+            "limit": Option("int", 256, "use at most this many samples"),
+            "batch_size": Option("int", 32, "batch size for onnxruntime"),
+            "iterations": Option("int", 2, "re-measure and correct again (corrections upstream shift "
+                                 "downstream layers)"),
+            "verify": Option("bool", True, "check that the mean output shift shrank on the data"),
+        },
+        apply=_bias_correct,
+        exact=False,
+    ))
+    register(GraphPass(
+        name="qdq-tune",
+        description="Q/DQ placement tuning: drop redundant pairs, share scales across Concat/MaxPool.",
+        options={
+            "align_concat": Option("bool", True, "give Concat inputs and output one shared scale"),
+            "align_pool": Option("bool", True, "give MaxPool output the scale of its input"),
+            "residual": Option("bool", True, "drop Q/DQ on the Conv branch of a residual Add (TensorRT fuses "
+                               "the Add into that Conv)"),
+            "outputs": Option("bool", True, "drop Q/DQ pairs that feed graph outputs"),
+            "verify": Option("bool", True, "check the tuned model against the input model on random data"),
+        },
+        apply=_qdq_tune,
+        exact=False,
+    ))
