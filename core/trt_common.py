@@ -333,9 +333,11 @@ def make_profiles(network: trt.INetworkDefinition, options: Mapping[str, Any]) -
         if all(d >= 0 for d in shape) and name not in mins and name not in maxs and name not in opts:
             continue
         entry: dict[str, list[int]] = {}
+        # Shapes given for this input fill its missing ones (trtexec: one shape means min = opt = max).
+        fallback = [g[name] for g in (opts, maxs, mins) if name in g]
         for kind, given in (("min", mins), ("max", maxs)):
-            if name in given:
-                entry[kind] = list(given[name])
+            if name in given or fallback:
+                entry[kind] = list(given.get(name, fallback[0]))
                 continue
             dims = []
             for axis, d in enumerate(shape):
@@ -344,9 +346,10 @@ def make_profiles(network: trt.INetworkDefinition, options: Mapping[str, Any]) -
                 elif axis == 0:
                     dims.append(1 if kind == "min" else max_batch)
                 else:
+                    example = "x".join(str(x if x > 0 else 1) for x in shape)
                     raise OptionError(
                         f"input '{name}' has a dynamic dim {axis}: give its range with options "
-                        f"min_shapes/opt_shapes/max_shapes (e.g. {name}:1x3x224x224)"
+                        f"min_shapes/opt_shapes/max_shapes (e.g. max_shapes={name}:{example})"
                     )
             entry[kind] = dims
         entry["opt"] = list(opts[name]) if name in opts else list(entry["max"])
@@ -720,10 +723,12 @@ def build_engine(builder_name: str, model: str | os.PathLike[str], output: str |
         calibration = {"source": "cache", "cache_sha256": sha256_file(cache_path)}
     if calibrator is not None:
         config.int8_calibrator = calibrator
-        if profiles:
+        if profiles:  # calibration runs at one shape: the calibration batch's (else the profile's opt)
             profile = builder.create_optimization_profile()
+            first = calibrator.batches[0] if calibrator.batches else {}
             for name, shapes in profiles[0].items():
-                profile.set_shape(name, shapes["opt"], shapes["opt"], shapes["opt"])
+                shape = list(first[name].shape) if name in first else shapes["opt"]
+                profile.set_shape(name, shape, shape, shape)
             config.set_calibration_profile(profile)
 
     timing_path = Path(options["timing_cache"]) if options.get("timing_cache") else None
@@ -867,10 +872,10 @@ class EngineRunner:
         except BuildError as exc:
             raise InputFileError(f"{self.path}: built with {self.info.get('module')} "
                                  f"{self.info.get('tensorrt_version')}, which is not usable here ({exc})") from None
-        check_engine_compatible(self.path, self.info, module, gpu_info())
         data = self.path.read_bytes()
         if sha256_bytes(data) != (self.info.get("engine") or {}).get("sha256"):
             raise InputFileError(f"{self.path}: engine does not match its sidecar (modified or truncated); rebuild it")
+        check_engine_compatible(self.path, self.info, module, gpu_info())
         self.module = module
         self.logger = make_logger(module)
         self.runtime = module.Runtime(self.logger)

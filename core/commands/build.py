@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
             else:
                 _show_check(report)
             if not report.get("supported"):
-                raise typer.Exit(1)
+                raise SystemExit(1)  # cli.main drops the code of typer.Exit in standalone_mode=False
             return
         with console.status(f"building {model.name} with {builder}", spinner="dots"):
             written = build(model, output, builder=builder, **options)
