@@ -808,19 +808,18 @@ def _sigmoid_masks(original: ModelArtifact, result: ModelArtifact, seed: int, ve
         if not mask.any():
             continue
         entry: dict[str, Any] = {"elements": int(mask.sum()), "of": int(mask.size)}
-        if mask.ndim >= 1:
-            flat = mask.reshape(-1, mask.shape[-1])
-            cols = flat.any(axis=0)
-            # a column counts as a logit channel when it changed anywhere; elements whose logit is ~0 may not
-            if verify:
-                sig_ok = logit_match.reshape(-1, mask.shape[-1])[:, cols].all()
-                same_ok = same.reshape(-1, mask.shape[-1])[:, ~cols].all()
-                if not (sig_ok and same_ok):
-                    raise NumericalCheckError(
-                        f"pass 'remove-sigmoid': output '{name}' mixes logits and unchanged values in one channel"
-                    )
-            entry["axis"] = -1
-            entry["channels"] = [int(i) for i in np.nonzero(cols)[0]]
+        # Describe the changed elements as channels of one axis when they are (e.g. YOLO score columns).
+        for axis in reversed(range(mask.ndim)):
+            others = tuple(i for i in range(mask.ndim) if i != axis)
+            cols = mask.any(axis=others)
+            selector = [slice(None)] * mask.ndim
+            selector[axis] = cols
+            rest = [slice(None)] * mask.ndim
+            rest[axis] = ~cols
+            if bool(logit_match[tuple(selector)].all()) and bool(same[tuple(rest)].all()):
+                entry["axis"] = axis - mask.ndim
+                entry["channels"] = [int(i) for i in np.nonzero(cols)[0]]
+                break
         report[name] = entry
     return report
 
