@@ -31,7 +31,7 @@ def _equalize(artifact: ModelArtifact, iterations: int = 20, max_scale: float = 
 
 
 def _bias_correct(artifact: ModelArtifact, reference: str = "", data: str = "", limit: int = 256,
-                  batch_size: int = 32, iterations: int = 2, verify: bool = True) -> ModelArtifact:
+                  batch_size: int = 32, iterations: int = 1, verify: bool = True) -> ModelArtifact:
     """Empirical bias correction of a Q/DQ model against its FP32 reference on calibration data."""
     from trtkit.ptq import bias_correct
 
@@ -72,8 +72,8 @@ def register_passes(register: Any) -> None:
             "data": Option("path", required=True, help="calibration data (anything `trtkit calibrate` reads)"),
             "limit": Option("int", 256, "use at most this many samples"),
             "batch_size": Option("int", 32, "batch size for onnxruntime"),
-            "iterations": Option("int", 2, "re-measure and correct again (corrections upstream shift "
-                                 "downstream layers)"),
+            "iterations": Option("int", 1, "sweeps over the layers (each layer is measured with the "
+                                 "upstream corrections applied)"),
             "verify": Option("bool", True, "check that the mean output shift shrank on the data"),
         },
         apply=_bias_correct,
