@@ -220,15 +220,36 @@ def _runnable_builds(step: Step, results: dict[str, StepResult]) -> list[tuple[s
 # ---- gates and publishing ------------------------------------------------------------------------------
 
 def check_gates(recipe: Recipe, results: dict[str, StepResult]) -> list[tuple[str, bool, str]]:
-    """One row per evaluator run: (what, passed, summary line)."""
+    """One row per evaluation that judged something (tolerances / gates): (what, passed, headline)."""
     rows = []
     for name, result in results.items():
         if not name.startswith("eval:"):
             continue
         for run in json.loads(result.path("result").read_text()):
-            first = run["summary"].strip().splitlines()[0] if run["summary"].strip() else ""
-            rows.append((f"{name} {run['label']}", bool(run["passed"]), first))
+            data = run["data"]
+            if not data.get("checks") and run["passed"]:
+                continue  # measured, not judged (e.g. speed)
+            rows.append((f"{name.removeprefix('eval:')} {run['label']}", bool(run["passed"]), _headline(data)))
     return rows
+
+
+def _headline(data: dict[str, Any]) -> str:
+    """The numbers a person wants on one line: task accuracy, agreement, SQNR, and each check."""
+    parts = []
+    task = data.get("task") or {}
+    if "candidate_top1" in task:
+        parts.append(f"top-1 {task['candidate_top1']:.4f} vs reference {task['reference_top1']:.4f}")
+    if "agreement" in task:
+        parts.append(f"top-1 agreement {task['agreement']:.4f}")
+    for output, metrics in (data.get("outputs") or {}).items():
+        if isinstance(metrics, dict) and "sqnr_db" in metrics:
+            sqnr = metrics["sqnr_db"]
+            sqnr_text = f"{sqnr:.1f}" if isinstance(sqnr, (int, float)) else str(sqnr)
+            parts.append(f"{output} SQNR {sqnr_text} dB, cosine {metrics.get('cosine', float('nan')):.5f}")
+    for check in data.get("checks") or []:
+        verdict = "ok" if check.get("passed") else "FAILED"
+        parts.append(f"{check.get('metric')} {check.get('value')} {check.get('op', '')} {check.get('limit')} {verdict}")
+    return "; ".join(parts) or "no checks"
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -277,22 +298,23 @@ def publish(recipe: Recipe, results: dict[str, StepResult], gates: list[tuple[st
         return None
     from .evaluation import write_report
 
-    html, _ = write_report(out / "report.html", report_context(recipe, results))
+    html, _ = write_report(out / "report.html", report_context(recipe, results, out))
     return html
 
 
-def report_context(recipe: Recipe, results: dict[str, StepResult]) -> dict[str, Any]:
+def report_context(recipe: Recipe, results: dict[str, StepResult], out: Path) -> dict[str, Any]:
     """The report's context (schema in trtkit.evaluation.write_report) from the step results."""
     from .evaluation import graph_stats
 
     context: dict[str, Any] = {"title": recipe.section("report").get("title") or f"trtkit: {recipe.path.name}"}
     models = []
     graph = {}
-    for step, label in (("optimize", "FP32 (optimized)"), ("quantize", "INT8 (QDQ)")):
+    for step, label, published in (("optimize", "FP32 (optimized)", "model.onnx"),
+                                   ("quantize", "INT8 (QDQ)", "model.int8.onnx")):
         if step in results:
             path = results[step].path("model")
-            models.append({"name": label, "path": str(path), "role": "reference" if step == "optimize" else
-                           "candidate"})
+            models.append({"name": label, "path": str(out / published),
+                           "role": "reference" if step == "optimize" else "candidate"})
             graph[label] = graph_stats(path)
     first = "export" if "export" in results else "model"
     graph = {"input": graph_stats(results[first].path("model")), **graph}

@@ -324,7 +324,7 @@ def starter_recipe(onnx: str | None = None, source: str | None = None) -> str:
         model = (f'source = "{source or "my_model.py:build_model"}"   # a function returning a trained torch '
                  'module\n# checkpoint = "weights.pt"         # loaded with torch.load(weights_only=True)\n'
                  'exporter = "torch"\n\n[model.options]\ninput_names = ["input"]\noutput_names = ["output"]\n'
-                 'input_shapes = { input = ["batch", 3, 224, 224] }   # strings are dynamic axes\nopset = 17')
+                 'input_shapes = { input = [1, 3, 224, 224] }\ndynamic_batch = true               # axis 0 is "batch"\nopset = 17')
     return f"""# trtkit recipe. Run it with: trtkit run recipe.toml   (--dry-run prints the plan)
 # Every key is checked: a typo is an error naming the key and its section. Paths are relative to this file.
 

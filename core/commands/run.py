@@ -48,12 +48,13 @@ def register(app: typer.Typer) -> None:
                 cached = (out / "cache" / step.name.replace(":", "-") / step.key / "step.json").is_file()
                 typer.echo(f"{'cached' if cached else 'run   '}  {step.describe()}  [{step.key}]")
             return
-        result = run_recipe(recipe, output=output, force=force, log=console.print)
+        result = run_recipe(recipe, output=output, force=force,
+                            log=lambda message: console.print(message, markup=False))
         ran = [name for name, step in result.results.items() if not step.cached]
         console.print(f"ran {len(ran)} of {len(result.results)} steps"
                       + (f" ({', '.join(ran)})" if ran else " (everything cached)"))
         for what, ok, text in result.gates:
-            console.print(f"{'PASS' if ok else 'FAIL'}  {what}: {text}")
+            console.print(f"{'PASS' if ok else 'FAIL'}  {what}: {text}", markup=False)
         typer.echo(f"artefacts: {result.output}")
         if result.report is not None:
             typer.echo(f"report: {result.report}")

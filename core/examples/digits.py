@@ -120,7 +120,7 @@ def prepare_example(folder: str | os.PathLike[str]) -> Path:
     Returns the recipe path. Existing files are replaced only when their content changes, so re-running
     keeps the recipe's cache valid.
     """
-    from ..fileio import atomic_path
+    from ..fileio import atomic_open
 
     folder = Path(folder)
     data = folder / "data"
@@ -131,8 +131,8 @@ def prepare_example(folder: str | os.PathLike[str]) -> Path:
         target = data / name
         if target.exists() and np.array_equal(np.load(target), array):
             continue
-        with atomic_path(target, suffix=".npy") as tmp:
-            np.save(tmp, array)
+        with atomic_open(target, "wb") as handle:  # a file object: np.save would append .npy to a path
+            np.save(handle, array)
     recipe = folder / "recipe.toml"
     text = (Path(__file__).parent / "digits.toml").read_text()
     if not recipe.exists() or recipe.read_text() != text:
