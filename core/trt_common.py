@@ -462,30 +462,22 @@ def _apply_layer_precisions(module: ModuleType, network: trt.INetworkDefinition,
 
 # ---- calibration (TensorRT <= 10 implicit INT8) --------------------------------------------------------------
 
-def load_calibration_batches(path: Path, input_names: list[str], batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Split .npz (one array per input, first axis = samples) or .npy (single input) into batches."""
+def load_calibration_batches(data: Any, model_path: Path, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Full batches of `batch_size` from any trtkit data source (`trtkit.data.load_data`: .npz/.npy files,
+    image folders, arrays); TensorRT calibrators need a constant batch size, so a remainder is dropped."""
     import numpy as np
 
-    if not path.is_file():
-        raise InputFileError(f"{path}: no such file")
-    try:
-        if path.suffix == ".npz":
-            with np.load(path) as archive:
-                arrays = {name: np.asarray(archive[name]) for name in archive.files}
-        else:
-            arrays = {input_names[0]: np.load(path)} if len(input_names) == 1 else {}
-    except Exception as exc:
-        raise InputFileError(f"{path}: not readable calibration data ({type(exc).__name__})") from None
-    missing = [n for n in input_names if n not in arrays]
-    if missing:
-        raise InputFileError(f"{path}: no array for input '{missing[0]}' (has: {', '.join(sorted(arrays)) or 'none'})")
-    count = min(len(arrays[n]) for n in input_names)
-    if count < batch_size:
-        raise InputFileError(f"{path}: {count} samples, fewer than calibration_batch_size={batch_size}")
-    return [
-        {n: np.ascontiguousarray(arrays[n][start:start + batch_size], dtype=np.float32) for n in input_names}
-        for start in range(0, count - batch_size + 1, batch_size)
-    ]
+    from .data import load_data
+
+    source = load_data(data, model_path, batch_size=batch_size)
+    batches = []
+    for feeds in source.batches():
+        if next(iter(feeds.values())).shape[0] != batch_size:
+            continue
+        batches.append({name: np.ascontiguousarray(value, dtype=np.float32) for name, value in feeds.items()})
+    if not batches:
+        raise InputFileError(f"{data}: fewer samples than calibration_batch_size={batch_size}")
+    return batches
 
 
 def make_calibrator(module: ModuleType, kind: str, batches: list[dict[str, np.ndarray]], cache_path: Path | None) -> Any:
@@ -710,8 +702,7 @@ def build_engine(builder_name: str, model: str | os.PathLike[str], output: str |
     calibration: dict[str, Any] | None = None
     cache_path = Path(options["calibration_cache"]) if options.get("calibration_cache") else None
     if options.get("calibration_data"):
-        names = [network.get_input(i).name for i in range(network.num_inputs)]
-        batches = load_calibration_batches(Path(options["calibration_data"]), names,
+        batches = load_calibration_batches(options["calibration_data"], model_path,
                                            int(options.get("calibration_batch_size") or 8))
         calibrator = make_calibrator(module, options.get("calibrator") or "entropy", batches, cache_path)
         calibration = {"source": "data", "calibrator": options.get("calibrator"), "batches": len(batches)}

@@ -11,7 +11,7 @@ from build_models import fp32_conv, positive_inputs, qdq_conv
 
 import trtkit
 from trtkit import trt_common
-from trtkit.errors import BuildError, InputFileError, OptionError
+from trtkit.errors import BuildError, InputFileError, OptionError, TrtkitError
 
 
 def _version(name: str, version: str) -> types.ModuleType:
@@ -82,18 +82,20 @@ def test_layer_precision_syntax():
         trt_common.parse_layer_precisions("conv0:fp64")
 
 
-def test_calibration_batches(tmp_path):
-    data = np.arange(10 * 4, dtype=np.float64).reshape(10, 4)
-    np.savez(tmp_path / "calib.npz", x=data, extra=data)
-    batches = trt_common.load_calibration_batches(tmp_path / "calib.npz", ["x"], batch_size=4)
-    assert len(batches) == 2 and batches[1]["x"].dtype == np.float32
+def test_calibration_batches_from_trtkit_data_sources(tmp_path):
+    model = fp32_conv(tmp_path / "m.onnx", batch="N")
+    data = positive_inputs(batch=10)["x"].astype(np.float64)
+    np.savez(tmp_path / "calib.npz", x=data)
+    batches = trt_common.load_calibration_batches(tmp_path / "calib.npz", model, batch_size=4)
+    assert len(batches) == 2 and batches[1]["x"].dtype == np.float32  # the remainder of 2 is dropped
     np.testing.assert_array_equal(batches[1]["x"], data[4:8].astype(np.float32))
     np.save(tmp_path / "calib.npy", data)
-    assert len(trt_common.load_calibration_batches(tmp_path / "calib.npy", ["x"], batch_size=5)) == 2
-    with pytest.raises(InputFileError, match="no array for input 'image'"):
-        trt_common.load_calibration_batches(tmp_path / "calib.npz", ["image"], batch_size=4)
-    with pytest.raises(InputFileError, match="fewer than calibration_batch_size=16"):
-        trt_common.load_calibration_batches(tmp_path / "calib.npz", ["x"], batch_size=16)
+    assert len(trt_common.load_calibration_batches(tmp_path / "calib.npy", model, batch_size=5)) == 2
+    np.savez(tmp_path / "wrong.npz", image=data)
+    with pytest.raises(TrtkitError, match="wrong.npz"):
+        trt_common.load_calibration_batches(tmp_path / "wrong.npz", model, batch_size=4)
+    with pytest.raises(InputFileError, match="fewer samples than calibration_batch_size=16"):
+        trt_common.load_calibration_batches(tmp_path / "calib.npz", model, batch_size=16)
 
 
 def test_missing_tensorrt_is_a_reason_not_a_crash(tmp_path):

@@ -11,6 +11,7 @@ from build_models import custom_op, fp32_conv, qdq_conv
 
 import trtkit
 from trtkit import trt_common
+from trtkit.building import check
 from trtkit.errors import BuildError, InputFileError, OptionError, UnknownNameError
 
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed (pip install tensorrt-rtx-cu13)")
@@ -128,11 +129,11 @@ def test_parser_errors_name_every_failing_node(models, tmp_path):
 
 
 def test_capability_check(models):
-    report = trtkit.building.check(models["custom"], builder=RTX)
+    report = check(models["custom"], builder=RTX)
     assert report["supported"] is False and report["nodes"] == 4
     assert [(u["node"], u["op_type"]) for u in report["unsupported"]] == [("my_foo", "FooBar"), ("my_bar", "Bar2")]
     assert report["unsupported_op_types"] == ["Bar2", "FooBar"]
-    ok = trtkit.building.check(models["qdq"], builder=RTX)
+    ok = check(models["qdq"], builder=RTX)
     assert ok["supported"] is True and ok["unsupported"] == []
 
 
