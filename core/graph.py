@@ -86,6 +86,10 @@ def fold_and_clean(graph: Any, fold: bool = True) -> Any:
     """Constant-fold (onnxruntime-evaluated, shapes included), drop dead nodes and sort, in place."""
     with quiet_gs():
         if fold:
+            with contextlib.suppress(Exception):
+                import onnxruntime
+
+                onnxruntime.set_default_logger_severity(3)  # folding sessions must not spam the console
             with contextlib.suppress(Exception):  # folding is best effort: never break the model
                 graph.fold_constants(fold_shapes=True, recurse_subgraphs=True, error_ok=True,
                                      size_threshold=64 << 20)

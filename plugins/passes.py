@@ -175,6 +175,107 @@ def _eliminate_noops(graph: Any) -> int:
     return removed
 
 
+def _shape_pieces(tensor: Any, graph: Any) -> list[Any] | None:
+    """The 1-D int64 tensor `tensor` as a list of entries: ints (constants) or (source tensor, axis) pairs for
+    values read from Shape(source); None when some entry is neither."""
+    import numpy as np
+
+    value = _const(graph, tensor)
+    if value is not None:
+        value = np.asarray(value)
+        return [int(v) for v in value.reshape(-1)] if value.ndim <= 1 else None
+    if len(tensor.inputs) != 1:
+        return None
+    node = tensor.inputs[0]
+    if node.op == "Shape":
+        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+        if rank is None:
+            return None
+        start = int(node.attrs.get("start", 0))
+        end = int(node.attrs.get("end", rank))
+        start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
+        return [(node.inputs[0], axis) for axis in range(max(start, 0), min(end, rank))]
+    if node.op == "Concat" and int(node.attrs.get("axis", 0)) in (0, -1):
+        pieces: list[Any] = []
+        for inp in node.inputs:
+            part = _shape_pieces(inp, graph)
+            if part is None:
+                return None
+            pieces.extend(part)
+        return pieces
+    if node.op in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+        return _shape_pieces(node.inputs[0], graph)
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
+        source = _shape_pieces(node.inputs[0], graph)
+        index = _const(graph, node.inputs[1])
+        if source is None or index is None:
+            return None
+        indices = [int(i) for i in np.asarray(index).reshape(-1)]
+        if any(not -len(source) <= i < len(source) for i in indices):
+            return None
+        return [source[i] for i in indices]
+    if node.op == "Slice" and len(node.inputs) >= 3:
+        source = _shape_pieces(node.inputs[0], graph)
+        bounds = [_const(graph, t) for t in node.inputs[1:]]
+        if source is None or any(b is None for b in bounds):
+            return None
+        starts, ends = (int(np.asarray(b).reshape(-1)[0]) for b in bounds[:2])
+        axes = int(np.asarray(bounds[2]).reshape(-1)[0]) if len(bounds) > 2 else 0
+        steps = int(np.asarray(bounds[3]).reshape(-1)[0]) if len(bounds) > 3 else 1
+        if axes not in (0, -1) or steps != 1:
+            return None
+        return source[slice(max(min(starts, len(source)), -len(source)), max(min(ends, len(source)), -len(source)))]
+    return None
+
+
+def _static_reshape_shapes(graph: Any) -> int:
+    """Reshape(x, Concat(Shape(x)[i], consts)) -> Reshape(x, [0, consts]): the shape subgraph goes away.
+
+    A value read from Shape(s)[k] becomes 0 ("copy") at position i when it is provably x's dim i (s is x and
+    k == i, or both dims carry the same symbolic name); one remaining unknown becomes -1, which is exact
+    because the other dims are then all fixed.
+    """
+    import numpy as np
+
+    changed = 0
+    for node in list(graph.nodes):
+        if node.op != "Reshape" or len(node.inputs) != 2 or int(node.attrs.get("allowzero", 0)):
+            continue
+        if _const(graph, node.inputs[1]) is not None:
+            continue
+        pieces = _shape_pieces(node.inputs[1], graph)
+        data = node.inputs[0]
+        if not pieces:
+            continue
+        data_shape = list(data.shape) if data.shape is not None else []
+        resolved: list[int | None] = []
+        for position, piece in enumerate(pieces):
+            if isinstance(piece, int):
+                resolved.append(piece)
+                continue
+            source, axis = piece
+            source_shape = list(source.shape) if source.shape is not None else []
+            src_dim = source_shape[axis] if axis < len(source_shape) else None
+            if isinstance(src_dim, int) and src_dim >= 0:
+                resolved.append(src_dim)
+            elif position < len(data_shape) and (
+                (source is data and axis == position)
+                or (isinstance(src_dim, str) and src_dim and data_shape[position] == src_dim)
+            ):
+                resolved.append(0)
+            else:
+                resolved.append(None)
+        unknown = [i for i, v in enumerate(resolved) if v is None]
+        if len(unknown) > 1 or (unknown and -1 in resolved):
+            continue
+        if unknown:
+            resolved[unknown[0]] = -1
+        node.inputs[1] = _new_const(_unique(graph, (node.name or "reshape") + "_shape"),
+                                    np.asarray(resolved, np.int64))
+        changed += 1
+    return changed
+
+
 def _zero_pad(graph: Any, node: Any) -> bool:
     import numpy as np
 
@@ -252,6 +353,7 @@ def simplify(artifact: ModelArtifact, fold: bool = True, input_shapes: dict[str,
         changed = 0
         if remove_noops:
             changed += _eliminate_noops(graph)
+            changed += _static_reshape_shapes(graph)
         if dedupe:
             changed += _dedupe(graph)
         fold_and_clean(graph, fold=False)

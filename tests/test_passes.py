@@ -248,8 +248,9 @@ def test_static_shapes_let_more_fold(detector_onnx):
     static = optimize(detector_onnx, [("simplify", {"input_shapes": {"image": [1, 3, 32, 32]}})])
     n_orig = len(ops(ModelArtifact.load(detector_onnx)))
     n_dyn, n_static = len(ops(dynamic.artifact)), len(ops(static.artifact))
-    assert n_static < n_dyn <= n_orig
+    assert n_static <= n_dyn < n_orig
     assert "Shape" not in ops(static.artifact)
+    assert "Shape" not in ops(dynamic.artifact), "batch-size reads feeding Reshape become 0/-1 constants"
     dims = static.artifact.model.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [1, 3, 32, 32]
     assert static.artifact.metadata["input_shapes"] == {"image": [1, 3, 32, 32]}
