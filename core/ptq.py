@@ -697,7 +697,7 @@ def qdq_tune(
     can fuse the Add into that Conv (`residual`); Concat inputs and output share the largest scale
     (`align_concat`); a MaxPool's output quantizer takes its input's scale (`align_pool`), so no requantize
     layer is needed. verify: SQNR of the tuned model against the input model on random inputs must stay
-    above 20 dB (NumericalCheckError otherwise).
+    above 15 dB (NumericalCheckError otherwise: a sanity check, since aligned scales change outputs).
     """
     import numpy as np
     from onnx import helper
@@ -859,7 +859,7 @@ def qdq_tune(
         after = run(session(result), feeds)
         values = [sqnr_db(before[k], after[k]) for k in before if before[k].dtype.kind == "f"]
         report.sqnr_db = float(min(values)) if values else None
-        if report.sqnr_db is not None and report.sqnr_db < 20.0:
+        if report.sqnr_db is not None and report.sqnr_db < 15.0:
             raise NumericalCheckError(f"qdq-tune: tuned model differs from {label} (SQNR {report.sqnr_db:.1f} dB)")
     result.metadata.setdefault("ptq", {})["qdq_tune"] = report.as_dict()
     return result, report
