@@ -141,8 +141,9 @@ def _weight_axis(g: _Graph, node: onnx.NodeProto, slot: int, shape: tuple[int, .
         return None
     if node.op_type == "Conv":
         return 0 if slot == 1 else None
-    if node.op_type == "ConvTranspose":
-        return 1 if slot == 1 else None
+    if node.op_type == "ConvTranspose":  # weights [Cin, Cout/group, ...]: per-axis only without groups
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        return 1 if slot == 1 and group == 1 else None
     if node.op_type == "Gemm":
         attrs = {a.name: a.i for a in node.attribute}
         if slot == 1:
