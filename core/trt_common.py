@@ -241,15 +241,15 @@ def parse_onnx(module: ModuleType, builder: trt.Builder, network: trt.INetworkDe
 
 def check_capability(builder_name: str, model_path: str | os.PathLike[str]) -> dict[str, Any]:
     """Which nodes the TensorRT parser supports, before a long build. Raises BuildError when no TensorRT."""
-    import onnx
+    from .model import ModelArtifact
 
     module = import_trt(builder_name)
     path = _check_model_file(model_path)
+    model = ModelArtifact.load(path).model
     logger = make_logger(module)
     builder = module.Builder(logger)
     network = _create_network(module, builder, strongly_typed=False)
     parser = module.OnnxParser(network, logger)
-    model = onnx.load(str(path), load_external_data=False)
     nodes = [(node.name, node.op_type) for node in model.graph.node]
     if hasattr(parser, "supports_model_v2"):
         supported = bool(parser.supports_model_v2(path.read_bytes(), str(path)))
@@ -368,9 +368,9 @@ def make_profiles(network: trt.INetworkDefinition, options: Mapping[str, Any]) -
 # ---- precision --------------------------------------------------------------------------------------------
 
 def model_has_qdq(model_path: Path) -> bool:
-    import onnx
+    from .model import ModelArtifact
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = ModelArtifact.load(model_path).model  # InputFileError naming the file when it is not ONNX
     return any(node.op_type in QDQ_OPS for node in model.graph.node)
 
 

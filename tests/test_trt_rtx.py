@@ -128,6 +128,19 @@ def test_parser_errors_name_every_failing_node(models, tmp_path):
     assert not trt_common.sidecar_path(tmp_path / "custom.engine").exists()
 
 
+def test_unreadable_model_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf at all")
+    with pytest.raises(InputFileError, match="bad.onnx: not a readable ONNX model"):
+        trtkit.build(bad, tmp_path / "bad.engine", builder=RTX)
+    with pytest.raises(InputFileError, match="bad.onnx: not a readable ONNX model"):
+        check(bad, builder=RTX)
+    not_onnx = tmp_path / "model.pt"
+    not_onnx.write_bytes(b"torch checkpoint")
+    with pytest.raises(InputFileError, match="model.pt: expected an ONNX model"):
+        trtkit.build(not_onnx, tmp_path / "x.engine", builder=RTX)
+
+
 def test_capability_check(models):
     report = check(models["custom"], builder=RTX)
     assert report["supported"] is False and report["nodes"] == 4
