@@ -3,7 +3,8 @@
     python -m benchmarks.bench_passes [--repeat 3] [--folder /tmp/trtkit-zoo] [--no-write]
 
 Models: the zoo (benchmarks/models.py: resnet, mobilenet, yolo, transformer; static batch 1), the YOLO and
-transformer zoo models with a dynamic batch, an LSTM sequence tagger (torch export) and a model with an If
+transformer zoo models with a dynamic batch, the zoo exported without torch's constant folding (BatchNorm
+nodes and Constant chains kept, as other exporters produce), an LSTM sequence tagger (torch export) and a model with an If
 node (onnx.helper). For every tool: node count after, wall time (median of --repeat runs, model loading
 included, trtkit's numerical check off as the others do not check; trtkit with its check is a separate
 column), max |output difference| against the original on realistic inputs (benchmarks.models.sample_inputs),
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._report import markdown_table, write_section
-from benchmarks.models import build_zoo, sample_inputs
+from benchmarks.models import ZOO_NAMES, build_zoo, sample_inputs
 
 
 def lstm_model(path: Path) -> Path:
@@ -94,6 +95,8 @@ def build_models(folder: Path) -> dict[str, Path]:
     models = dict(build_zoo(folder))
     dynamic = build_zoo(folder, names=["yolo", "transformer"], dynamic_batch=True)
     models.update({f"{name} (dynamic batch)": path for name, path in dynamic.items()})
+    unfolded = build_zoo(folder, names=list(ZOO_NAMES), fold_constants=False)
+    models.update({f"{name} (unfolded export)": path for name, path in unfolded.items()})
     models["lstm"] = lstm_model(folder / "lstm.onnx")
     models["if"] = if_model(folder / "if.onnx")
     return models

@@ -253,8 +253,12 @@ def make_model(name: str, seed: int = SEED) -> Any:
 
 # ---- export ----------------------------------------------------------------------------------------------
 def export_model(name: str, path: str | os.PathLike[str], batch: int = 1, dynamic_batch: bool = False,
-                 opset: int = OPSET, seed: int = SEED) -> Path:
-    """Export one zoo model to `path` (atomically) with the TorchScript exporter."""
+                 opset: int = OPSET, seed: int = SEED, fold_constants: bool = True) -> Path:
+    """Export one zoo model to `path` (atomically) with the TorchScript exporter.
+
+    fold_constants=False keeps what torch would fold on export (BatchNormalization nodes, Constant chains),
+    as other exporters and older pipelines produce: the raw material graph passes are judged on.
+    """
     import torch
 
     from trtkit.fileio import atomic_path
@@ -267,17 +271,18 @@ def export_model(name: str, path: str | os.PathLike[str], batch: int = 1, dynami
     with atomic_path(path) as tmp, torch.no_grad():
         torch.onnx.export(
             model, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=[output], opset_version=opset,
-            dynamic_axes=dynamic, dynamo=False, do_constant_folding=True,
+            dynamic_axes=dynamic, dynamo=False, do_constant_folding=fold_constants,
         )
     return path
 
 
 def build_zoo(folder: str | os.PathLike[str], names: list[str] | tuple[str, ...] | None = None, batch: int = 1,
-              dynamic_batch: bool = False, opset: int = OPSET, overwrite: bool = False) -> dict[str, Path]:
+              dynamic_batch: bool = False, opset: int = OPSET, overwrite: bool = False,
+              fold_constants: bool = True) -> dict[str, Path]:
     """Export the zoo models (all of ZOO_NAMES by default) into `folder` as NAME.onnx; returns name -> path.
 
-    Existing files are reused unless `overwrite=True` (they are deterministic, so reuse is safe as long as
-    the same batch/opset were asked for; the file name encodes non-default settings).
+    Existing files are reused unless `overwrite=True` (they are deterministic, so reuse is safe: the file
+    name encodes non-default settings). fold_constants=False: see export_model (keeps BatchNorm nodes).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -286,9 +291,11 @@ def build_zoo(folder: str | os.PathLike[str], names: list[str] | tuple[str, ...]
         suffix = "" if batch == 1 and not dynamic_batch and opset == OPSET else (
             f"_b{'dyn' if dynamic_batch else batch}_op{opset}"
         )
+        suffix += "" if fold_constants else "_unfolded"
         path = folder / f"{name}{suffix}.onnx"
         if overwrite or not path.exists():
-            export_model(name, path, batch=batch, dynamic_batch=dynamic_batch, opset=opset)
+            export_model(name, path, batch=batch, dynamic_batch=dynamic_batch, opset=opset,
+                         fold_constants=fold_constants)
         result[name] = path
     return result
 
