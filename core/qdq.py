@@ -82,28 +82,28 @@ def _compute_inputs(node: onnx.NodeProto) -> list[int]:
 
 
 def activation_candidates(model: onnx.ModelProto) -> list[str]:
-    """Activations the QDQ builder may quantize (what calibration must observe), in graph order."""
+    """Activations the QDQ builder will quantize (what calibration must observe), in graph order.
+
+    The placement is planned with every candidate given the same range, so this is a superset of what any real
+    scales quantize (only the Concat range-ratio rule can drop more). Tensors TensorRT keeps in float, such as
+    the Conv branch of a residual Add, are not observed: exposing them would also break onnxruntime's fusions.
+    """
     g = _Graph.of(model)
-    names: list[str] = []
+    broad: list[str] = []
     seen: set[str] = set()
-
-    def add(name: str) -> None:
-        if g.is_activation(name) and name not in seen:
-            seen.add(name)
-            names.append(name)
-
     for node in model.graph.node:
-        if node.op_type in COMPUTE_OPS:
-            for slot in _compute_inputs(node):
-                add(node.input[slot])
-        elif node.op_type == "Add":
-            for name in node.input:
-                add(name)
-        elif node.op_type == "Concat" or node.op_type in POOL_OPS:
-            for name in node.input:
-                add(name)
-            add(node.output[0])
-    return names
+        names = list(node.input)
+        if node.op_type == "Concat" or node.op_type in POOL_OPS:
+            names.append(node.output[0])
+        if node.op_type in COMPUTE_OPS or node.op_type in ("Add", "Concat") or node.op_type in POOL_OPS:
+            for name in names:
+                if g.is_activation(name) and name not in seen:
+                    seen.add(name)
+                    broad.append(name)
+    shapes = {t.name: tuple(int(d) for d in t.dims) for t in model.graph.initializer}
+    shapes.update({o: () for n in model.graph.node if n.op_type == "Constant" for o in n.output})
+    planned = plan_qdq(model, dict.fromkeys(broad, 1.0), shapes=shapes).activations
+    return [name for name in broad if name in planned]
 
 
 @dataclass
