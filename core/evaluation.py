@@ -109,15 +109,29 @@ def open_model(path: str, emulate_qdq: bool = True, threads: int | None = None) 
     return open_runner(path, **options)
 
 
-def model_inputs(path: str) -> dict[str, tuple[str, tuple[Any, ...]]] | None:
-    """{input: (dtype, shape)} for an ONNX file, None for other artefacts."""
-    if not str(path).endswith(".onnx"):
-        return None
-    from .model import ModelArtifact
-    from .runtime import input_specs
+def model_input_specs(path: str) -> list[Any] | None:
+    """Input TensorSpecs of an ONNX file, or of an engine from its trtkit sidecar; None when unknown."""
+    from .runtime import TensorSpec, input_specs
 
-    model = ModelArtifact.load(path).model
-    return {spec.name: (spec.dtype, spec.shape) for spec in input_specs(model)}
+    if str(path).endswith(".onnx"):
+        from .model import ModelArtifact
+
+        return input_specs(ModelArtifact.load(path).model)
+    try:
+        from .trt_common import read_sidecar
+
+        info = read_sidecar(path)
+        return [TensorSpec(str(t["name"]), str(t.get("dtype", "float32")),
+                           tuple(d if isinstance(d, int) and d > 0 else None for d in t.get("shape", [])))
+                for t in info.get("inputs", [])]
+    except Exception:
+        return None
+
+
+def model_inputs(path: str) -> dict[str, tuple[str, tuple[Any, ...]]] | None:
+    """{input: (dtype, shape)} for an ONNX file or a trtkit engine (sidecar), None for other artefacts."""
+    specs = model_input_specs(path)
+    return None if specs is None else {spec.name: (spec.dtype, spec.shape) for spec in specs}
 
 
 def check_same_inputs(reference: str, ref_runner: Runner, candidate: str, cand_runner: Runner) -> None:
@@ -145,7 +159,7 @@ def load_batches(data: str | None, model: str, num_samples: int = 64, batch_size
     """Evaluation batches for `model` (an ONNX path): from `data` when given, else deterministic random.
 
     data: anything `trtkit.data.load_data` accepts (.npy for a single input, .npz keyed by input name, image
-    folders); without trtkit.data, .npy/.npz are read here. At most `num_samples` samples are used
+    folders). At most `num_samples` samples are used
     (0 = all of `data`).
     """
     import numpy as np
@@ -155,27 +169,14 @@ def load_batches(data: str | None, model: str, num_samples: int = 64, batch_size
     path = Path(data)
     if not path.exists():
         raise InputFileError(f"{path}: no such file or folder (--data)")
-    try:
-        from .data import load_data  # type: ignore[attr-defined]
-    except ImportError:
-        load_data = None
-    batches: list[dict[str, np.ndarray]] = []
-    if load_data is not None:
-        source = load_data(str(path), model)
-        iterator = source.batches(batch_size) if _takes_argument(source.batches) else source.batches()
-        batches = [{k: np.asarray(v) for k, v in batch.items()} for batch in iterator]
-    else:
-        batches = _read_arrays(path, model, batch_size)
+    from .data import load_data
+
+    specs = model_input_specs(model)
+    source = load_data(str(path), specs if specs is not None else model, batch_size=max(1, batch_size),
+                       limit=num_samples or None)
+    batches = [{k: np.asarray(v) for k, v in batch.items()} for batch in source.batches()]
+    # trtkit.data's `limit` can overrun by part of a batch (slices are not clamped to it): trim here.
     return _limit(batches, num_samples)
-
-
-def _takes_argument(function: Any) -> bool:
-    import inspect
-
-    try:
-        return len(inspect.signature(function).parameters) >= 1
-    except (TypeError, ValueError):
-        return False
 
 
 def _limit(batches: list[dict[str, np.ndarray]], num_samples: int) -> list[dict[str, np.ndarray]]:
@@ -187,44 +188,9 @@ def _limit(batches: list[dict[str, np.ndarray]], num_samples: int) -> list[dict[
             break
         size = len(next(iter(batch.values())))
         take = min(size, num_samples - count)
-        kept.append({k: v[:take] for k, v in batch.items()})
+        kept.append({k: v[:take] for k, v in batch.items()} if take < size else batch)
         count += take
     return kept
-
-
-def _read_arrays(path: Path, model: str, batch_size: int) -> list[dict[str, np.ndarray]]:
-    import numpy as np
-
-    specs = model_inputs(model) or {}
-    names = list(specs)
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise InputFileError(f"{path}: not a .npy/.npz array file ({type(exc).__name__})") from None
-    if isinstance(loaded, np.ndarray):
-        if len(names) != 1:
-            raise DataError(f"{path}: one array given but the model takes inputs {names}; use an .npz by name")
-        arrays = {names[0]: loaded}
-    else:
-        arrays = {key: loaded[key] for key in loaded.files}
-        missing = [n for n in names if n not in arrays]
-        if missing:
-            raise DataError(f"{path}: no array for input '{missing[0]}' (arrays: {sorted(arrays)})")
-    total = {len(arrays[n]) for n in names}
-    if len(total) != 1:
-        raise DataError(f"{path}: inputs have different sample counts {sorted(total)}")
-    count = total.pop()
-    batches = []
-    for start in range(0, count, max(1, batch_size)):
-        batch = {}
-        for name in names:
-            dtype, shape = specs[name]
-            value = arrays[name][start:start + batch_size].astype(dtype, copy=False)
-            if value.ndim != len(shape):
-                raise DataError(f"{path}: input '{name}' has rank {value.ndim}, the model expects {len(shape)}")
-            batch[name] = value
-        batches.append(batch)
-    return batches
 
 
 def _random_batches(model: str, num_samples: int, batch_size: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -232,7 +198,7 @@ def _random_batches(model: str, num_samples: int, batch_size: int, seed: int) ->
 
     specs = model_inputs(model)
     if specs is None:
-        raise OptionError(f"{model}: give --data (random inputs need an ONNX model to read input shapes from)")
+        raise OptionError(f"{model}: give --data (random inputs need the input shapes of an ONNX model or engine)")
     rng = np.random.default_rng(seed)
     batches = []
     remaining = num_samples
