@@ -181,3 +181,68 @@ def test_equalize_option_errors(random_cnn):
         equalize(artifact, layers=["/a/Convv"])
     _, report = equalize(artifact, layers=["/a/Conv"])
     assert [p.first for p in report.pairs] == ["/a/Conv"]
+
+
+def _random_chain(seed: int, depth: int, width: int, ops: list[str], groups: list[str]) -> ModelArtifact:
+    """Conv chain with random group structure and homogeneous ops between, then global pool, flatten, Gemm."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], {}
+    x, cin = "x", 3
+    for i in range(depth):
+        cout = width * (1 + i % 2)
+        kind = groups[i]
+        g = 1 if kind == "dense" or i == 0 else (cin if kind == "depthwise" and cout % cin == 0 else
+                                                   (2 if cin % 2 == 0 and cout % 2 == 0 else 1))
+        w = rng.standard_normal((cout, cin // g, 3, 3)) * np.exp(rng.standard_normal((cout, 1, 1, 1)) * 1.5)
+        inits[f"w{i}"] = w.astype(np.float32)
+        inits[f"b{i}"] = (rng.standard_normal(cout) * np.exp(rng.standard_normal(cout))).astype(np.float32)
+        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", group=g,
+                                      pads=[1, 1, 1, 1]))
+        op = ops[i]
+        if op == "PRelu":
+            inits[f"slope{i}"] = rng.uniform(0, 0.3, (cout, 1, 1)).astype(np.float32)
+            nodes.append(helper.make_node("PRelu", [f"c{i}", f"slope{i}"], [f"a{i}"], name=f"act{i}"))
+        elif op == "MaxPool":
+            nodes.append(helper.make_node("MaxPool", [f"c{i}"], [f"a{i}"], name=f"act{i}", kernel_shape=[3, 3],
+                                          pads=[1, 1, 1, 1]))
+        elif op == "LeakyRelu":
+            nodes.append(helper.make_node("LeakyRelu", [f"c{i}"], [f"a{i}"], name=f"act{i}", alpha=0.05))
+        else:
+            nodes.append(helper.make_node(op, [f"c{i}"], [f"a{i}"], name=f"act{i}"))
+        x, cin = f"a{i}", cout
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten", axis=1))
+    inits["fc_w"] = rng.standard_normal((5, cin)).astype(np.float32)
+    inits["fc_b"] = rng.standard_normal(5).astype(np.float32)
+    nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], name="fc", transB=1))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return ModelArtifact.from_model(model)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=12, deadline=None)
+@hypothesis.given(
+    seed=st.integers(0, 10_000),
+    depth=st.integers(2, 4),
+    width=st.sampled_from([4, 6, 8]),
+    ops=st.lists(st.sampled_from(["Relu", "LeakyRelu", "PRelu", "MaxPool", "Identity"]), min_size=4, max_size=4),
+    groups=st.lists(st.sampled_from(["dense", "depthwise", "grouped"]), min_size=4, max_size=4),
+)
+def test_equalize_exact_on_random_chains(seed, depth, width, ops, groups):
+    original = _random_chain(seed, depth, width, ops, groups)
+    equalized, report = equalize(original)
+    assert len(report.pairs) == depth  # every conv pairs with its successor (the last one with the Gemm)
+    for low, high in ((-1.0, 1.0), (0.0, 5.0)):
+        feeds = random_inputs(original.model, seed=seed, low=low, high=high)
+        ref, new = _outputs(original, feeds)["y"], _outputs(equalized, feeds)["y"]
+        assert _relative_error(ref, new) < 2e-5
