@@ -421,7 +421,7 @@ def collect(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtkit-calib") as pool:
         pending = None
         for feeds in batches:
-            future = pool.submit(sess.run, fetch, feeds)
+            future = pool.submit(sess.run, fetch, feeds) if fetch else _done([])
             if pending is not None:
                 reduce(*_result(pending))
             pending = (feeds, future)
@@ -436,6 +436,14 @@ def collect(
     model_info = {"sha256": model_fingerprint(onnx_model), "name": artifact.source.name if artifact.source else None}
     data_info = {"sha256": fingerprint.hexdigest(), "samples": fingerprint.num_samples, "source": source.description}
     return Statistics(stats, fingerprint.num_samples, model_info, data_info, tensor_names(onnx_model), histograms)
+
+
+def _done(value: Any) -> Any:
+    from concurrent.futures import Future
+
+    future: Future[Any] = Future()
+    future.set_result(value)
+    return future
 
 
 def _num_batches(source: DataSource) -> int | None:
