@@ -88,3 +88,19 @@ def test_layers_bad_input(hostile_pair):
         result = run_cli("eval", "layers", *args, "--data", str(x_path))
         assert result.returncode == 2, (args, result.stderr)
         assert needle in result.stderr, (args, result.stderr)
+
+
+def test_search_closes_the_loop_with_trtkit_quantize(hostile_pair, tmp_path):
+    """Real calibrate + quantize; the emitted exclude list, fed back to quantize, meets the target."""
+    fp32, _, x_path, _ = hostile_pair
+    scales = trtkit.calibrate(fp32, str(x_path), method="minmax", progress=False)
+    trtkit.quantize(fp32, scales, output=tmp_path / "q.onnx")
+    target = 25.0
+    layers = trtkit.evaluate("layers", [fp32, tmp_path / "q.onnx"], data=str(x_path), target_sqnr=target)
+    assert layers.data["offenders"][0] == HOSTILE
+    assert layers.data["exclude"] == [HOSTILE]
+    trtkit.quantize(fp32, scales, output=tmp_path / "mixed.onnx", exclude=layers.data["exclude"])
+    gate = trtkit.evaluate("accuracy", [fp32, tmp_path / "mixed.onnx"], data=str(x_path), min_sqnr=target)
+    assert gate.passed, gate.summary
+    full = trtkit.evaluate("accuracy", [fp32, tmp_path / "q.onnx"], data=str(x_path), min_sqnr=target)
+    assert not full.passed
