@@ -79,7 +79,7 @@ def _classes() -> dict[str, Any]:
 
         @staticmethod
         def symbolic(g: Any, x: Any, amax: Any, qmin: int, qmax: int) -> Any:
-            raise RuntimeError("export through FakeQuantizer.export_mode")  # pragma: no cover
+            raise RuntimeError("export fake-quantized models with trtkit.qat.export_onnx")  # pragma: no cover
 
     class QDQExportFunction(torch.autograd.Function):
         """Emits ONNX QuantizeLinear -> DequantizeLinear (int8, zero point 0) when exported."""

@@ -198,5 +198,11 @@ def test_qat_errors(digits_model):
     qmodel = qat.quantize_model(digits_model)
     with pytest.raises(UnknownNameError):
         qat.set_amax(qmodel, {"stem.0.input_quantiser": 1.0})
+    with pytest.raises(UnknownNameError, match="entropy"):
+        qat.calibrate(qmodel, [np.zeros((2, 1, 8, 8), np.float32)], method="entropyy")
+    from trtkit.errors import DataError
+
+    with pytest.raises(DataError, match="no batches"):
+        qat.calibrate(qmodel, [], method="minmax")
     with pytest.raises(OptionError):
         qat.finetune(qmodel, np.zeros((4, 1, 8, 8), np.float32), np.zeros(4, np.int64), epochs=0)
