@@ -43,6 +43,7 @@ ENTROPY_LEVELS = 128      # quantized levels of the positive half
 ENTROPY_START = 128       # first candidate bin
 SCALES_FORMAT = "trtkit-scales"
 SCALES_VERSION = 1
+CHUNK = 1 << 20           # elements binned at a time
 TINY_AMAX = 1e-8          # used for tensors that are identically zero (scales must be > 0)
 
 
@@ -115,13 +116,14 @@ class TensorStats:
             self.hist[0] += x.size
             return
         factor = x.dtype.type(FINE_BINS / self.range)  # a power of two: the product is exact, and < FINE_BINS
-        if lo >= 0.0:
-            scaled = x * factor
-        else:
-            scaled = np.abs(x)
-            scaled *= factor
-        index = scaled.astype(np.intp)
-        self.hist += np.bincount(index, minlength=FINE_BINS)
+        for start in range(0, x.size, CHUNK):  # chunks bound the temporaries (memory independent of batch size)
+            part = x[start:start + CHUNK]
+            if lo >= 0.0:
+                scaled = part * factor
+            else:
+                scaled = np.abs(part)
+                scaled *= factor
+            self.hist += np.bincount(scaled.astype(np.intp), minlength=FINE_BINS)
 
     def merge(self, other: TensorStats) -> TensorStats:
         """Combine with statistics of other samples (exact: same as collecting them together)."""
