@@ -601,3 +601,47 @@ def jsonable(value: Any) -> Any:
 
 def to_json(data: Any) -> str:
     return json.dumps(jsonable(data), indent=2, sort_keys=True)
+
+
+def qdq_scales(path: str) -> dict[str, float]:
+    """{activation tensor: scale} from the QuantizeLinear nodes of a QDQ model (per-tensor scales only)."""
+    from .model import ModelArtifact
+
+    artifact = ModelArtifact.load(path)
+    inits = artifact.initializers()
+    scales: dict[str, float] = {}
+    for node in artifact.model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[1] in inits and node.input[0] not in inits:
+            value = artifact.tensor(node.input[1])
+            if value.size == 1:
+                scales.setdefault(node.input[0], float(value.reshape(-1)[0]))
+    return scales
+
+
+def activation_histograms(reference: str, candidate: str, data: str | None = None, num_samples: int = 0,
+                          batch_size: int = 8, seed: int = 0, bins: int = 128, limit: int = 12) -> dict[str, Any]:
+    """The report's "histograms": |x| histograms of the activations a QDQ candidate quantizes, measured on the
+    FP32 reference over `data` (random inputs without it), each with its threshold amax = 127 * scale."""
+    import numpy as np
+
+    from .model import ModelArtifact
+    from .runners import OrtRunner
+    from .runtime import with_outputs
+
+    scales = qdq_scales(candidate)
+    ref = ModelArtifact.load(reference)
+    produced = {o for n in ref.model.graph.node for o in n.output} | {i.name for i in ref.model.graph.input}
+    names = [t for t in scales if t in produced][:limit]
+    if not names:
+        return {}
+    batches = load_batches(data, reference, num_samples or (0 if data else 32), batch_size, seed)
+    values = run_batches(OrtRunner(with_outputs(ref, names)), batches, "histograms")
+    result = {}
+    for name in names:
+        magnitude = np.abs(values[name].astype(np.float64)).ravel()
+        threshold = 127.0 * scales[name]
+        top = max(float(magnitude.max()) if magnitude.size else 0.0, threshold) or 1.0
+        counts, edges = np.histogram(magnitude, bins=bins, range=(0.0, top))
+        result[name] = {"edges": edges.tolist(), "counts": counts.tolist(), "threshold": threshold,
+                        "method": "amax"}
+    return result

@@ -12,15 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from trtkit.errors import InputFileError, OptionError
-from trtkit.evaluation import graph_stats, is_qdq, load_batches, write_report
+from trtkit.evaluation import activation_histograms, graph_stats, is_qdq, qdq_scales, write_report
 from trtkit.model import ModelArtifact
 from trtkit.stages import EvaluationResult
-
-HISTOGRAM_BINS = 128
-MAX_HISTOGRAMS = 12
 
 
 def evaluate_report(models: list[str], data: str | None, num_samples: int, batch_size: int, seed: int,
@@ -64,7 +59,7 @@ def evaluate_report(models: list[str], data: str | None, num_samples: int, batch
         ctx["layers"] = evaluate_layers([reference, qdq[0]], data=data, num_samples=num_samples,
                                         batch_size=batch_size, seed=seed, output=None, sensitivity="none",
                                         target_sqnr=None, target_cosine=None, top=10).data
-        ctx["histograms"] = _histograms(reference, qdq[0], data, num_samples, batch_size, seed)
+        ctx["histograms"] = activation_histograms(reference, qdq[0], data, num_samples, batch_size, seed)
     ctx.update(extra)
     html_path, md_path = write_report(output, ctx)
     summary = f"report written: {html_path} (Markdown summary: {md_path})"
@@ -91,47 +86,9 @@ def _stats(path: str) -> dict[str, Any]:
     return graph_stats(path)
 
 
-def _qdq_scales(path: str) -> dict[str, float]:
-    """{activation tensor: scale} from the QuantizeLinear nodes of a QDQ model (per-tensor scales only)."""
-    artifact = ModelArtifact.load(path)
-    inits = artifact.initializers()
-    scales: dict[str, float] = {}
-    for node in artifact.model.graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[1] in inits and node.input[0] not in inits:
-            value = artifact.tensor(node.input[1])
-            if value.size == 1:
-                scales.setdefault(node.input[0], float(value.reshape(-1)[0]))
-    return scales
-
-
 def _calibration(path: str, metadata: dict[str, Any]) -> dict[str, Any]:
     given = metadata.get("calibration") if isinstance(metadata.get("calibration"), dict) else {}
     result = {"method": given.get("method", "read from the QDQ model's scales"),
               "num_samples": given.get("num_samples", "")}
-    result["scales"] = given.get("scales") or _qdq_scales(path)
-    return result
-
-
-def _histograms(reference: str, candidate: str, data: str | None, num_samples: int, batch_size: int,
-                seed: int) -> dict[str, Any]:
-    from trtkit.evaluation import run_batches
-    from trtkit.runners import OrtRunner
-    from trtkit.runtime import with_outputs
-
-    scales = _qdq_scales(candidate)
-    ref = ModelArtifact.load(reference)
-    produced = {o for n in ref.model.graph.node for o in n.output} | {i.name for i in ref.model.graph.input}
-    names = [t for t in scales if t in produced][:MAX_HISTOGRAMS]
-    if not names:
-        return {}
-    batches = load_batches(data, reference, num_samples or (0 if data else 32), batch_size, seed)
-    values = run_batches(OrtRunner(with_outputs(ref, names)), batches, "histograms")
-    result = {}
-    for name in names:
-        magnitude = np.abs(values[name].astype(np.float64)).ravel()
-        threshold = 127.0 * scales[name]
-        top = max(float(magnitude.max()) if magnitude.size else 0.0, threshold) or 1.0
-        counts, edges = np.histogram(magnitude, bins=HISTOGRAM_BINS, range=(0.0, top))
-        result[name] = {"edges": edges.tolist(), "counts": counts.tolist(), "threshold": threshold,
-                        "method": "amax"}
+    result["scales"] = given.get("scales") or qdq_scales(path)
     return result
