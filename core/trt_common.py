@@ -613,6 +613,48 @@ def _save_timing_cache(config: trt.IBuilderConfig, path: Path) -> int:
     return len(data)
 
 
+# ---- progress ---------------------------------------------------------------------------------------------
+
+def make_progress_monitor(module: ModuleType, console: Any) -> Any:
+    """An IProgressMonitor (TensorRT >= 10, RTX) drawing TensorRT's build phases as rich progress bars on
+    `console`; None when the module has no progress monitor. Returns (monitor, progress) via attributes."""
+    if not hasattr(module, "IProgressMonitor"):
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
+                        transient=True)
+
+    class ProgressMonitor(module.IProgressMonitor):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            module.IProgressMonitor.__init__(self)
+            self.progress = progress
+            self.tasks: dict[str, Any] = {}
+            self.parents: dict[str, str | None] = {}
+            self.phases: list[str] = []
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            depth, parent = 0, parent_phase
+            while parent is not None and depth < 8:
+                depth += 1
+                parent = self.parents.get(parent)
+            self.parents[phase_name] = parent_phase
+            self.phases.append(phase_name)
+            self.tasks[phase_name] = self.progress.add_task("  " * depth + phase_name, total=max(num_steps, 1))
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            if phase_name in self.tasks:
+                self.progress.update(self.tasks[phase_name], completed=step + 1)
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name: str) -> None:
+            task = self.tasks.pop(phase_name, None)
+            if task is not None:
+                self.progress.remove_task(task)
+
+    return ProgressMonitor()
+
+
 # ---- build --------------------------------------------------------------------------------------------------
 
 def _dtype_name(module: ModuleType, dtype: Any) -> str:
@@ -642,8 +684,12 @@ class BuildResult:
 
 
 def build_engine(builder_name: str, model: str | os.PathLike[str], output: str | os.PathLike[str],
-                 options: Mapping[str, Any]) -> BuildResult:
-    """Build a serialized engine for `model` with TensorRT or TensorRT-RTX; write engine + JSON sidecar."""
+                 options: Mapping[str, Any], progress_console: Any = None) -> BuildResult:
+    """Build a serialized engine for `model` with TensorRT or TensorRT-RTX; write engine + JSON sidecar.
+
+    progress_console: a rich Console for TensorRT's build-phase progress bars (default: trtkit's stderr
+    console when it is a terminal, else none).
+    """
     from .fileio import check_output_path, sha256_file
 
     module = import_trt(builder_name)
@@ -727,8 +773,21 @@ def build_engine(builder_name: str, model: str | os.PathLike[str], output: str |
     if timing_path is not None:
         _, timing_loaded = _load_timing_cache(config, timing_path, product(module))
 
+    if progress_console is None:
+        import sys
+
+        from .ui import console as ui_console
+
+        progress_console = ui_console if sys.stderr.isatty() else None
+    monitor = make_progress_monitor(module, progress_console) if progress_console is not None else None
+    if monitor is not None:
+        config.progress_monitor = monitor
     try:
-        serialized = builder.build_serialized_network(network, config)
+        if monitor is not None:
+            with monitor.progress:
+                serialized = builder.build_serialized_network(network, config)
+        else:
+            serialized = builder.build_serialized_network(network, config)
     finally:
         if calibrator is not None and hasattr(calibrator, "free"):
             calibrator.free()

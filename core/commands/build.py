@@ -48,8 +48,9 @@ def register(app: typer.Typer) -> None:
             if not report.get("supported"):
                 raise SystemExit(1)  # cli.main drops the code of typer.Exit in standalone_mode=False
             return
-        with console.status(f"building {model.name} with {builder}", spinner="dots"):
-            written = build(model, output, builder=builder, **options)
+        # TensorRT builds draw their own phase progress bars (one rich live display at a time).
+        console.print(f"building {model} with {builder}")
+        written = build(model, output, builder=builder, **options)
         info = describe(written)
         summary = _summary(info, written)
         if as_json:
@@ -58,7 +59,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"[green]built[/green] {written} ({summary['bytes']:,} bytes) with {builder}")
         for key in ("tensorrt", "precision", "profiles", "sidecar", "int8_weights"):
             if summary.get(key):
-                console.print(f"  {key}: {summary[key]}")
+                console.print(f"  {key}: {_human(key, summary[key])}", markup=False)
         for note in summary.get("notes", []):
             console.print(f"  [yellow]note:[/yellow] {note}")
 
@@ -112,6 +113,25 @@ def _summary(info: dict[str, Any], written: Path) -> dict[str, Any]:
             "notes": build_info.get("notes", []),
         })
     return summary
+
+
+def _human(key: str, value: Any) -> str:
+    if key == "precision" and isinstance(value, dict):
+        parts = ["QDQ (explicit INT8)" if value.get("qdq") else "no Q/DQ", f"mode {value.get('mode')}",
+                 "flags " + (", ".join(value.get("flags") or []) or "none")]
+        if value.get("strongly_typed"):
+            parts.append("strongly typed")
+        if value.get("layer_precisions"):
+            parts.append(f"{len(value['layer_precisions'])} layer(s) pinned")
+        if value.get("calibration"):
+            parts.append(f"calibration from {value['calibration'].get('source')}")
+        return "; ".join(parts)
+    if key == "profiles" and isinstance(value, list):
+        return "; ".join(
+            f"{name}: " + ", ".join(f"{kind} {'x'.join(map(str, shapes[kind]))}" for kind in ("min", "opt", "max"))
+            for profile in value for name, shapes in profile.items()
+        )
+    return str(value)
 
 
 def _show_check(report: dict[str, Any]) -> None:
