@@ -125,6 +125,27 @@ def gemm_model(seed: int = 0) -> onnx.ModelProto:
     return net.model([net.node("MatMul", [fc, "mm_w"], "mm")])
 
 
+def edge_filter_model(seed: int = 0, gain: float = 500.0) -> onnx.ModelProto:
+    """x -> 1x1 conv -> relu -> depthwise 3x3 (channel 0: a BN-folded, zero-sum edge filter of huge weights)
+    -> conv_b -> y. Quantizing the depthwise conv's input amplifies its rounding noise by `gain`."""
+    net = _Net(seed)
+    r = net.node("Relu", [net.conv("x", 3, 8, "conv_a", k=1)], "relu")
+    dw = net.conv(r, 8, 8, "dw", group=8)
+    weights = next(t for t in net.inits if t.name == "dw_w")
+    array = numpy_helper.to_array(weights).copy()
+    array[0] = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32) * gain
+    weights.CopyFrom(numpy_helper.from_array(array, "dw_w"))
+    return net.model([net.conv(dw, 8, 8, "conv_b")])
+
+
+def smooth_batch(n: int, seed: int = 0) -> np.ndarray:
+    """Flat images with a faint patch (camera-like: edges are rare), for edge_filter_model."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 1, (n, 3, 1, 1)).astype(np.float32) * np.ones((1, 1, 8, 8), np.float32)
+    images[:, :, 3:5, 3:5] += rng.uniform(0, 0.05, (n, 3, 1, 1)).astype(np.float32)
+    return images
+
+
 def random_batch(model: onnx.ModelProto, n: int, seed: int = 1) -> np.ndarray:
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
     return np.random.default_rng(seed).normal(0, 1, size=(n, *shape)).astype(np.float32)

@@ -11,11 +11,13 @@ from qdq_models import (
     concat_model,
     conv_model,
     detector_model,
+    edge_filter_model,
     gemm_model,
     pool_model,
     random_batch,
     residual_model,
     silu_model,
+    smooth_batch,
 )
 
 from trtkit.calibration import calibrate
@@ -214,6 +216,28 @@ def test_exclusions_and_errors(tmp_path):
     assert artifact.metadata["quantization"]["skipped"]["conv1"] == "no scale for input 'relu0_out'"
     with pytest.raises(OptionError, match="already has Q/DQ"):
         quantize(quantize(model, scales).model, scales)
+
+
+def _sqnr(reference: np.ndarray, other: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(reference ** 2) / np.sum((reference - other) ** 2)))
+
+
+def test_a_bad_depthwise_layer_is_found_by_exclusion_and_fixed():
+    """The failure mode of BN-folded zero-sum edge filters: found by excluding one quantized node at a time
+    (what the per-layer report automates), fixed with exclude=[that node]."""
+    model = edge_filter_model()
+    scales = calibrate(model, smooth_batch(32), method="minmax", progress=False)
+    x = smooth_batch(16, seed=1)
+    reference = session(model).run(None, {"x": x})[0]
+    full = quantize(model, scales)
+    base = _sqnr(reference, session(full).run(None, {"x": x})[0])
+    gains = {}
+    for node in full.metadata["quantization"]["quantized_nodes"]:
+        partial = quantize(model, scales, exclude=[node])
+        gains[node] = _sqnr(reference, session(partial).run(None, {"x": x})[0]) - base
+    worst = max(gains, key=gains.get)
+    assert worst == "dw" and gains["dw"] > 8.0, gains
+    assert all(gain < 3.0 for node, gain in gains.items() if node != "dw"), gains
 
 
 def test_per_tensor_and_reduce_range():
