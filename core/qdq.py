@@ -403,6 +403,20 @@ def quantize(
             raise OptionError(f"model opset {_opset(artifact.model)} < {MIN_OPSET} and conversion failed: {exc}") from None
         artifact.model = m
     folded = fold_constants(m)
+    from .calibration import model_fingerprint, tensor_names
+
+    known = tensor_names(m)
+    if len(scale_map) and not any(name in known for name in scale_map):
+        example = next(iter(scale_map))
+        raise OptionError(f"none of the {len(scale_map)} tensors in the scales exist in this model "
+                          f"(e.g. '{example}'): were they calibrated on another model?")
+    calibrated_on = getattr(scale_map, "model", {}).get("sha256")
+    fingerprint_match = None if not calibrated_on else calibrated_on == model_fingerprint(source.model)
+    if fingerprint_match is False:
+        from .ui import console
+
+        console.print("[yellow]warning:[/yellow] the scales were calibrated on a different model graph "
+                      "(fingerprint differs); tensors are matched by name")
 
     init_by_name = {t.name: t for t in m.graph.initializer}
     shapes = {name: tuple(int(d) for d in t.dims) for name, t in init_by_name.items()
@@ -495,7 +509,8 @@ def quantize(
     artifact.metadata["quantization"] = {
         "format": "qdq-int8",
         "method": getattr(scale_map, "method", "custom"),
-        "calibration": {"model": getattr(scale_map, "model", {}), "data": getattr(scale_map, "data", {})},
+        "calibration": {"model": getattr(scale_map, "model", {}), "data": getattr(scale_map, "data", {}),
+                        "model_matches": fingerprint_match},
         "per_channel": per_channel,
         "reduce_range": reduce_range,
         "weight_qmax": qmax,

@@ -214,6 +214,8 @@ def test_exclusions_and_errors(tmp_path):
         quantize(model, scales, exclude_op_types=["Cnv"])
     artifact = quantize(model, {"x": 1.0})  # missing scales: those nodes stay float, with the reason
     assert artifact.metadata["quantization"]["skipped"]["conv1"] == "no scale for input 'relu0_out'"
+    with pytest.raises(OptionError, match="none of the 2 tensors in the scales exist"):
+        quantize(model, {"a": 1.0, "b": 2.0})
     with pytest.raises(OptionError, match="already has Q/DQ"):
         quantize(quantize(model, scales).model, scales)
 
@@ -263,6 +265,7 @@ def test_input_untouched_output_deterministic_metadata(tmp_path):
     meta = ModelArtifact.load(tmp_path / "a.onnx").metadata["quantization"]
     assert meta["method"] == "entropy" and meta["activation_amax"]["relu0_out"] == pytest.approx(scales["relu0_out"])
     assert meta["calibration"]["model"]["sha256"] == scales.model["sha256"]
+    assert meta["calibration"]["model_matches"] is True
     with pytest.raises(OptionError, match="overwrite the input"):
         quantize(tmp_path / "m.onnx", scales, output=tmp_path / "m.onnx")
 
