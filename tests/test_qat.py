@@ -206,3 +206,19 @@ def test_qat_errors(digits_model):
         qat.calibrate(qmodel, [], method="minmax")
     with pytest.raises(OptionError):
         qat.finetune(qmodel, np.zeros((4, 1, 8, 8), np.float32), np.zeros(4, np.int64), epochs=0)
+
+
+def test_trtkit_tensorrt_rtx_builder_accepts_the_export(qat_onnx, tmp_path):
+    """The same file through trtkit's own build stage (`trtkit build -b tensorrt-rtx`)."""
+    pytest.importorskip("tensorrt_rtx")
+    from conftest import run_cli
+
+    engine = tmp_path / "digits.qat.engine"
+    done = run_cli("build", str(qat_onnx), "-b", "tensorrt-rtx", "-o", str(engine),
+                   "-O", "min_shapes=image:1x1x8x8", "-O", "opt_shapes=image:8x1x8x8",
+                   "-O", "max_shapes=image:32x1x8x8", "--json")
+    assert done.returncode == 0, done.stderr
+    assert engine.stat().st_size > 1000
+    import json
+
+    assert json.loads(done.stdout)["precision"]["qdq"] is True
