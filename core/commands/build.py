@@ -48,8 +48,7 @@ def register(app: typer.Typer) -> None:
             if not report.get("supported"):
                 raise SystemExit(1)  # cli.main drops the code of typer.Exit in standalone_mode=False
             return
-        # TensorRT builds draw their own phase progress bars (one rich live display at a time).
-        console.print(f"building {model} with {builder}")
+        # TensorRT builds draw their own phase progress bars on a terminal (one rich live display at a time).
         written = build(model, output, builder=builder, **options)
         info = describe(written)
         summary = _summary(info, written)
