@@ -18,6 +18,7 @@ Results go to the `build` section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,9 @@ def report(rows: list[dict[str, Any]]) -> str:
         acc_rows,
     )
     vnni = cpu_has_vnni()
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     return (
+        f"Machine load average while measuring: {load} (the CPU is shared; latencies are indicative).\n\n"
         f"TensorRT-RTX ahead-of-time builds (no GPU), dynamic batch profile 1..{BATCH}; QDQ from `trtkit calibrate` "
         f"(entropy, 64 samples; digits 256) + `trtkit quantize`. The RTX timing cache is a no-op (RTX compiles at run "
         f"time), so rebuild time only shows the cost of loading/saving it.\n\n{rtx}\n\n"
