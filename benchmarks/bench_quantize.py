@@ -40,9 +40,13 @@ ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percenti
 # ---- child side --------------------------------------------------------------------------------------------
 
 def _batches(data_path: str, input_name: str, batch: int):
-    data = np.load(data_path, mmap_mode="r")
+    """Batches read with plain reads (a memory map would keep every page read resident: RSS would grow with N
+    for every tool alike). trtkit reads .npy files the same way."""
+    from trtkit.data import NpyFile
+
+    data = NpyFile(data_path)
     for start in range(0, len(data), batch):
-        yield {input_name: np.ascontiguousarray(data[start:start + batch])}
+        yield {input_name: data[start:start + batch]}
 
 
 def child(job: dict[str, Any]) -> dict[str, Any]:

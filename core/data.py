@@ -301,7 +301,7 @@ def load_data(
         suffix = path.suffix.lower()
         if suffix == ".npy":
             try:
-                array = np.load(path, mmap_mode="r", allow_pickle=False)
+                array = NpyFile(path)
             except Exception as exc:
                 raise InputFileError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from None
             if len(specs) != 1:
@@ -404,6 +404,49 @@ def _iterable(spec: Any, specs: list[TensorSpec], batch_size: int, limit: int | 
     source = DataSource(specs, batch_size, num, where, lambda: _rebatch(spec, specs, limit, where))
     source.peek()
     return source
+
+
+class NpyFile:
+    """A .npy file read row-range by row-range with plain reads (first axis = samples).
+
+    Unlike a memory map, rows already used do not stay resident in the process (RSS), so reading a large
+    calibration file batch by batch keeps memory flat.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            self.offset = handle.tell()
+        if dtype.hasobject:
+            raise ValueError("object arrays are not supported")
+        self.shape: tuple[int, ...] = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self._fortran = fortran
+        self._row = int(np.prod(self.shape[1:], dtype=np.int64)) if self.ndim else 1
+        size = self.path.stat().st_size
+        if size < self.offset + self._row * (self.shape[0] if self.ndim else 1) * self.dtype.itemsize:
+            raise ValueError("file is truncated")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice) or self.ndim == 0:
+            raise TypeError("NpyFile supports row slices only")
+        start, stop, step = index.indices(self.shape[0])
+        if self._fortran or step != 1:
+            return np.asarray(np.load(self.path, mmap_mode="r")[index])
+        count = max(0, stop - start)
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset + start * self._row * self.dtype.itemsize)
+            data = np.fromfile(handle, dtype=self.dtype, count=count * self._row)
+        return data.reshape((count, *self.shape[1:]))
 
 
 # ---- image folders -----------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def _collect(source):
     return [dict(b) for b in source.batches()]
 
 
-def test_npy_is_memory_mapped_and_batched(tmp_path, model):
+def test_npy_is_read_batch_by_batch(tmp_path, model):
     data = np.random.default_rng(0).normal(size=(10, 3, 8, 8)).astype(np.float64)
     np.save(tmp_path / "d.npy", data)
     source = load_data(tmp_path / "d.npy", model, batch_size=4)
