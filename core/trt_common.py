@@ -505,7 +505,10 @@ def make_calibrator(module: ModuleType, kind: str, batches: list[dict[str, np.nd
                 array = batch[name]
                 if name not in self.device:
                     self.device[name] = cuda_malloc(array.nbytes)
-                cuda_memcpy_htod(self.device[name], array)
+                # Synchronous copy: TensorRT reads the buffer on its own stream right after get_batch returns.
+                cudart = _cudart()
+                _check(cudart.cudaMemcpy(self.device[name], array.ctypes.data, array.nbytes,
+                                         cudart.cudaMemcpyKind.cudaMemcpyHostToDevice), "copy to device")
                 pointers.append(self.device[name])
             return pointers
 
@@ -949,9 +952,11 @@ class EngineRunner:
 
             raise DataError(f"{self.path}: missing input '{missing[0]}'")
         pointers: list[int] = []
+        staged: list[Any] = []  # host copies stay alive until the stream is synchronized
         try:
             for spec in self.info["inputs"]:
                 array = np.ascontiguousarray(feeds[spec["name"]], dtype=spec["dtype"])
+                staged.append(array)
                 if not self.context.set_input_shape(spec["name"], array.shape):
                     from .errors import DataError
 
@@ -978,6 +983,17 @@ class EngineRunner:
         finally:
             for pointer in pointers:
                 cuda_free(pointer)
+
+
+    def close(self) -> None:
+        """Release the CUDA stream (device buffers are freed after every run)."""
+        if getattr(self, "stream", None):
+            _cudart().cudaStreamDestroy(self.stream)
+            self.stream = 0
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 def load_engine(builder_name: str, path: str | os.PathLike[str], **_options: Any) -> EngineRunner:
