@@ -213,6 +213,12 @@ def optimize(
         given = dict(resolved)
         if "verify" in graph_pass.options:
             given["verify"] = bool(check and given.get("verify", True))
+        if "raw_range" in graph_pass.options and given.get("raw_range") is None and ranges:
+            # the declared input range is the raw range a preprocessing pass should prove itself on
+            bounds = ranges.get(given.get("input") or "") or (next(iter(ranges.values())) if len(ranges) == 1
+                                                               else None)
+            if bounds is not None:
+                given["raw_range"] = [float(bounds[0]), float(bounds[1])]
         before = op_counts(current.model)
         start = time.perf_counter()
         try:

@@ -590,7 +590,7 @@ def _floats(value: Any, name: str) -> list[float] | None:
 
 def fuse_preprocess(artifact: ModelArtifact, input: str | None = None, scale: Any = None, mean: Any = None,
                     std: Any = None, swap_rb: bool = False, raw_range: Any = None, verify: bool = True,
-                    seed: int = 0) -> ModelArtifact:
+                    seed: int = 0, input_dtype: str = "float32") -> ModelArtifact:
     """Fold input scaling, mean/std normalisation and an RGB<->BGR swap into the first Conv(s).
 
     Folds what the model itself does first (Mul/Div/Add/Sub by per-channel constants on the input) and what
@@ -605,7 +605,8 @@ def fuse_preprocess(artifact: ModelArtifact, input: str | None = None, scale: An
     from trtkit.model import ModelArtifact
 
     scale_l, mean_l, std_l = _floats(scale, "scale"), _floats(mean, "mean"), _floats(std, "std")
-    declared = scale_l is not None or mean_l is not None or std_l is not None or bool(swap_rb)
+    declared = scale_l is not None or mean_l is not None or std_l is not None or bool(swap_rb) or (
+        input_dtype == "uint8")
     original = ModelArtifact(materialized(artifact), None, dict(artifact.metadata), artifact.source)
     info: dict[str, Any] = {}
 
@@ -714,6 +715,14 @@ def fuse_preprocess(artifact: ModelArtifact, input: str | None = None, scale: An
                 pad_value = float(values[0])
             plans.append((conv, weight, pads, pad_value))
         folded = []
+        feed = x
+        if input_dtype == "uint8":  # the device hands over camera bytes; the Cast runs on the accelerator
+            import onnx_graphsurgeon as gs
+
+            feed = gs.Variable(_unique(graph, x.name + "_float"), dtype=x.dtype, shape=x.shape)
+            graph.nodes.append(gs.Node("Cast", _unique(graph, x.name + "_to_float"),
+                                       attrs={"to": _onnx_dtype(x.dtype)}, inputs=[x], outputs=[feed]))
+            x.dtype = np.uint8
         for conv, weight, pads, pad_value in plans:
             w = weight.astype(np.float64)
             bias = _const(graph, conv.inputs[2]) if len(conv.inputs) > 2 else np.zeros(w.shape[0])
@@ -730,17 +739,18 @@ def fuse_preprocess(artifact: ModelArtifact, input: str | None = None, scale: An
                 conv.inputs[2] = bias_const
             else:
                 conv.inputs.append(bias_const)
-            source = x
+            source = feed
             if pad_value is not None:
                 import onnx_graphsurgeon as gs
 
                 spatial = len(pads) // 2
                 onnx_pads = [0, 0, *pads[:spatial], 0, 0, *pads[spatial:]]
-                padded_t = gs.Variable(_unique(graph, x.name + "_padded"), dtype=x.dtype)
+                padded_t = gs.Variable(_unique(graph, x.name + "_padded"), dtype=feed.dtype)
                 graph.nodes.append(gs.Node(
                     "Pad", _unique(graph, (conv.name or "conv") + "_raw_pad"), attrs={"mode": "constant"},
-                    inputs=[x, _new_const(_unique(graph, "pads"), np.asarray(onnx_pads, np.int64)),
-                            _new_const(_unique(graph, "pad_value"), np.asarray(pad_value, dtype=np.dtype(x.dtype)))],
+                    inputs=[feed, _new_const(_unique(graph, "pads"), np.asarray(onnx_pads, np.int64)),
+                            _new_const(_unique(graph, "pad_value"),
+                                       np.asarray(pad_value, dtype=np.dtype(feed.dtype)))],
                     outputs=[padded_t],
                 ))
                 conv.attrs["pads"] = [0] * len(pads)
@@ -753,7 +763,7 @@ def fuse_preprocess(artifact: ModelArtifact, input: str | None = None, scale: An
         info.update({
             "input": x.name, "channels": int(channels), "graph_ops": [n.op for n in chain],
             "scale": [float(v) for v in s], "mean": [float(v) for v in m], "std": [float(v) for v in d],
-            "swap_rb": bool(swap_rb), "folded_into": folded,
+            "swap_rb": bool(swap_rb), "folded_into": folded, "input_dtype": input_dtype,
             "raw_to_model_scale": [float(v) for v in a], "raw_to_model_offset": [float(v) for v in b],
         })
 
@@ -769,22 +779,31 @@ def fuse_preprocess(artifact: ModelArtifact, input: str | None = None, scale: An
     return result
 
 
+def _onnx_dtype(dtype: Any) -> int:
+    import numpy as np
+    from onnx import helper
+
+    return int(helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+
+
 def _verify_preprocess(original: ModelArtifact, result: ModelArtifact, info: dict[str, Any], declared: bool,
                        raw_range: tuple[float, float], seed: int) -> float:
     """Prove new(raw) == old(preprocess(raw)) on random raw inputs; returns the max abs difference."""
     import numpy as np
 
-    from trtkit.runtime import random_inputs, run, session
+    from trtkit.runtime import input_specs, random_inputs, run, session
 
     name = info["input"]
+    model_dtype = next(spec.dtype for spec in input_specs(original.model) if spec.name == name)
     feeds = random_inputs(result.model, seed=seed, ranges={name: raw_range})
     old_feeds = dict(feeds)
     raw = feeds[name].astype(np.float64)
+    old_feeds[name] = raw.astype(model_dtype)
     if declared:
         perm = [2, 1, 0] if info["swap_rb"] else list(range(info["channels"]))
         shape = (1, -1, 1, 1)
         s, m, d = (np.asarray(info[k]).reshape(shape) for k in ("scale", "mean", "std"))
-        old_feeds[name] = ((raw[:, perm] * s - m) / d).astype(feeds[name].dtype)
+        old_feeds[name] = ((raw[:, perm] * s - m) / d).astype(model_dtype)
     old = run(session(original, optimization="disable"), old_feeds)
     new = run(session(result, optimization="disable"), feeds)
     worst = 0.0
@@ -852,8 +871,9 @@ def remove_sigmoid(artifact: ModelArtifact, thresholds: dict[str, Any] | None = 
                 from trtkit.graph import bypass
 
                 name = y.name
-                if bypass(node, graph):
-                    removed.append({"node": node.name, "outputs": [name]})
+                if not bypass(node, graph):  # input -> Sigmoid -> output: keep the names with an Identity
+                    node.op, node.attrs = "Identity", {}
+                removed.append({"node": node.name, "outputs": [name]})
                 continue
             if not chain_consumers:
                 continue
@@ -981,6 +1001,8 @@ PASSES = [
             "mean": Option("list", None, "declared mean per channel (after scaling)"),
             "std": Option("list", None, "declared std per channel (after scaling)"),
             "swap_rb": Option("bool", False, "the device feeds BGR to an RGB model (or the reverse)"),
+            "input_dtype": Option("str", "float32", "type of the new raw input: float32, or uint8 (camera bytes; "
+                                  "a Cast is added)", choices=("float32", "uint8")),
             "raw_range": Option("list", None, "low,high of the raw input for the check (default 0,255 if declared)"),
             "verify": Option("bool", True, "prove new(raw) == old(preprocess(raw)) with onnxruntime"),
             "seed": Option("int", 0, "seed of the verification inputs"),

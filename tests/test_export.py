@@ -182,3 +182,12 @@ def test_cli_export_then_optimize(net_file, tmp_path):
     assert missing.returncode == 2
     assert missing.stderr.strip().count("\n") == 0 and "input shape" in missing.stderr
     assert "Traceback" not in missing.stderr and not (tmp_path / "none.onnx").exists()
+
+
+def test_public_api_names():
+    import trtkit
+    from trtkit import exporting, optimizing
+
+    assert trtkit.export is exporting.export
+    assert trtkit.optimize is optimizing.optimize
+    assert optimizing.DEFAULT_PASSES == ["simplify", "optimize"]

@@ -307,6 +307,16 @@ def test_remove_sigmoid_direct_output_and_bad_threshold():
         optimize(ModelArtifact.from_model(model), [("remove-sigmoid", {"threshold": 1.5})])
 
 
+def test_remove_sigmoid_between_graph_input_and_output():
+    model = make_model([helper.make_node("Sigmoid", ["x"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [])
+    result = optimize(ModelArtifact.from_model(model), ["remove-sigmoid"])
+    assert ops(result.artifact) == ["Identity"]
+    feeds = random_inputs(model, seed=11)
+    np.testing.assert_array_equal(outputs(result.artifact, feeds)["y"], feeds["x"])
+
+
 def test_remove_sigmoid_leaves_internal_sigmoids():
     nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["y"])]  # SiLU
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
@@ -353,6 +363,17 @@ def test_fuse_declared_imagenet_preprocessing_with_bgr_swap(unpadded_conv_model)
     old = outputs(unpadded_conv_model, {"x": preprocessed.astype(np.float32)})["y"]
     new = outputs(result.artifact, {"x": raw})["y"]
     np.testing.assert_allclose(new, old, rtol=1e-4, atol=1e-4)
+
+
+def test_fuse_preprocess_to_uint8_camera_input(unpadded_conv_model):
+    options = {"scale": [1 / 255], "mean": [0.5], "std": [0.25], "input_dtype": "uint8"}
+    result = optimize(ModelArtifact.from_model(unpadded_conv_model), [("fuse-preprocess", options)])
+    assert ops(result.artifact) == ["Cast", "Conv", "Relu"]
+    assert result.artifact.model.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+    raw = np.random.default_rng(2).integers(0, 256, (1, 3, 8, 8)).astype(np.uint8)
+    old = outputs(unpadded_conv_model, {"x": ((raw / 255 - 0.5) / 0.25).astype(np.float32)})["y"]
+    np.testing.assert_allclose(outputs(result.artifact, {"x": raw})["y"], old, rtol=1e-4, atol=1e-4)
+    assert result.artifact.metadata["preprocess"]["input_dtype"] == "uint8"
 
 
 def test_fuse_preprocess_refuses_per_channel_mean_before_padding(rng):
