@@ -305,3 +305,18 @@ def test_qdq_models_parse_and_build_with_tensorrt_rtx(build, tmp_path):
     artifact, _ = _quantize(build())
     artifact.save(tmp_path / "q.onnx")
     trt_build(tmp_path / "q.onnx")
+
+
+def test_qdq_builder_plugin_matches_the_api(tmp_path):
+    from trtkit.registry import get_registry
+
+    model = residual_model()
+    onnx.save(model, tmp_path / "m.onnx")
+    calibrate(tmp_path / "m.onnx", random_batch(model, 8), progress=False).save(tmp_path / "s.json")
+    builder = get_registry().builder("qdq")
+    options = builder.resolve_options({"scales": str(tmp_path / "s.json"), "exclude": "conv1"})
+    assert builder.build(tmp_path / "m.onnx", tmp_path / "b.onnx", **options) == tmp_path / "b.onnx"
+    quantize(tmp_path / "m.onnx", tmp_path / "s.json", output=tmp_path / "a.onnx", exclude=["conv1"])
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    with pytest.raises(OptionError, match="needs option 'scales'"):
+        builder.resolve_options({})
