@@ -109,6 +109,7 @@ class OptimizeResult:
         table.add_row("total nodes", str(sum(first.values())), *(str(r.total_after) for r in self.reports))
         table.add_row("time (s)", "", *(f"{r.seconds:.3f}" for r in self.reports))
         table.add_row("max |diff|", "", *(_fmt_diff(r) for r in self.reports))
+        table.add_row("tolerance", "", *(f"{r.tolerance:.2e}" if r.tolerance is not None else "" for r in self.reports))
         return table
 
 
@@ -215,10 +216,10 @@ def optimize(
             given["verify"] = bool(check and given.get("verify", True))
         if "raw_range" in graph_pass.options and given.get("raw_range") is None and ranges:
             # the declared input range is the raw range a preprocessing pass should prove itself on
-            bounds = ranges.get(given.get("input") or "") or (next(iter(ranges.values())) if len(ranges) == 1
-                                                               else None)
-            if bounds is not None:
-                given["raw_range"] = [float(bounds[0]), float(bounds[1])]
+            raw = ranges.get(given.get("input") or "") or (next(iter(ranges.values())) if len(ranges) == 1
+                                                            else None)
+            if raw is not None:
+                given["raw_range"] = [float(raw[0]), float(raw[1])]
         before = op_counts(current.model)
         start = time.perf_counter()
         try:

@@ -317,11 +317,11 @@ def _dedupe(graph: Any) -> int:
         attrs = tuple(sorted((k, attr_key(v)) for k, v in node.attrs.items()))
         if any(v is None for _, v in attrs):
             continue
-        key = (node.op, tuple(id(t) for t in node.inputs), attrs, len(node.outputs))
-        if key not in seen:
-            seen[key] = node
+        node_key = (node.op, tuple(id(t) for t in node.inputs), attrs, len(node.outputs))
+        if node_key not in seen:
+            seen[node_key] = node
             continue
-        keep = seen[key]
+        keep = seen[node_key]
         if any(_is_output(out, graph) for out in node.outputs):
             continue
         for mine, theirs in zip(node.outputs, keep.outputs, strict=True):
