@@ -78,6 +78,10 @@ class _Graph:
                     return numpy_helper.to_array(attr.t)
         return None
 
+    def init(self, name: str) -> np.ndarray:
+        """The value of an initializer known to exist."""
+        return self.artifact.tensor(self.inits[name])
+
     def set_array(self, name: str, value: np.ndarray) -> None:
         """Replace an initializer's value in place (the graph belongs to a copy made by the caller)."""
         from onnx import numpy_helper
@@ -170,9 +174,9 @@ def _layer(g: _Graph, node: Any) -> _Layer | None:
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if bias is not None and (bias not in g.inits or len(g.consumers.get(bias, [])) != 1):
         return None
-    if node.op_type == "Gemm" and (_attr(node, "transA", 0) or bias is not None and g.array(bias).ndim != 1):
+    if node.op_type == "Gemm" and (_attr(node, "transA", 0) or bias is not None and g.init(bias).ndim != 1):
         return None
-    if node.op_type == "MatMul" and g.array(weight).ndim != 2:
+    if node.op_type == "MatMul" and g.init(weight).ndim != 2:
         return None
     return _Layer(node, weight, bias)
 
@@ -235,8 +239,8 @@ def _scale_input(layer: _Layer, weight: np.ndarray, scales: np.ndarray) -> np.nd
         groups = int(_attr(layer.node, "group", 1))
         cout, cpg = weight.shape[0], weight.shape[1]
         per_out = scales.reshape(groups, 1, cpg).repeat(cout // groups, axis=1).reshape(cout, cpg)
-        shape = (cout, cpg) + (1,) * (weight.ndim - 2)
-        return (weight * per_out.reshape(shape)).astype(weight.dtype)
+        grouped_shape = (cout, cpg) + (1,) * (weight.ndim - 2)
+        return (weight * per_out.reshape(grouped_shape)).astype(weight.dtype)
     axis = _in_axis(layer)
     shape = [1] * weight.ndim
     shape[axis] = -1
@@ -355,8 +359,8 @@ def equalize(
         through, second = found
         chains.append((first, through, second))
 
-    weights = {name: g.array(name) for chain in chains for name in (chain[0].weight, chain[2].weight)}
-    biases = {chain[0].bias: g.array(chain[0].bias) for chain in chains if chain[0].bias}
+    weights = {name: g.init(name) for chain in chains for name in (chain[0].weight, chain[2].weight)}
+    biases: dict[str, np.ndarray] = {chain[0].bias: g.init(chain[0].bias) for chain in chains if chain[0].bias}
     valid: list[tuple[_Layer, list[Any], _Layer]] = []
     for first, through, second in chains:
         r1 = _output_ranges(first, weights[first.weight])
@@ -548,7 +552,7 @@ def bias_correct(
             if _attr(node, "transA", 0):
                 report.skipped[label_node] = "transposed input"
                 continue
-            if len(node.input) > 2 and node.input[2] and g.array(node.input[2]).ndim != 1:
+            if len(node.input) > 2 and node.input[2] and g.init(node.input[2]).ndim != 1:
                 report.skipped[label_node] = "bias is not one value per output"
                 continue
         targets[out] = node
@@ -613,7 +617,7 @@ def _add_to_bias(g: _Graph, node: Any, delta: np.ndarray) -> None:
             node.input[2] = new
         g.consumers.setdefault(new, []).append(node)
         return
-    current = g.array(name).astype(np.float32)
+    current = g.init(name).astype(np.float32)
     if len(g.consumers.get(name, [])) > 1:
         new = g.add_initializer(f"{name}_corrected", (current + delta).astype(np.float32))
         g.consumers[name].remove(node)

@@ -172,9 +172,9 @@ def _classes() -> dict[str, Any]:
     class QuantConv(nn.Module):
         """A Conv1d/2d/3d with fake-quantized input (per tensor) and weight (per output channel)."""
 
-        def __init__(self, conv: nn.Module, learn_amax: bool = False) -> None:
+        def __init__(self, conv: Any, learn_amax: bool = False) -> None:
             super().__init__()
-            self.conv = conv
+            self.conv: Any = conv
             self.input_quantizer = FakeQuantizer(None, weight=False, learn_amax=learn_amax)
             self.weight_quantizer = FakeQuantizer(0, weight=True, learn_amax=learn_amax)
             self.weight_quantizer.set_amax(_channel_amax(conv.weight.detach(), 0))
@@ -186,9 +186,9 @@ def _classes() -> dict[str, Any]:
     class QuantLinear(nn.Module):
         """A Linear with fake-quantized input (per tensor) and weight (per output feature)."""
 
-        def __init__(self, linear: nn.Module, learn_amax: bool = False) -> None:
+        def __init__(self, linear: Any, learn_amax: bool = False) -> None:
             super().__init__()
-            self.linear = linear
+            self.linear: Any = linear
             self.input_quantizer = FakeQuantizer(None, weight=False, learn_amax=learn_amax)
             self.weight_quantizer = FakeQuantizer(0, weight=True, learn_amax=learn_amax)
             self.weight_quantizer.set_amax(_channel_amax(linear.weight.detach(), 0))
