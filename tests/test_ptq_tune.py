@@ -192,3 +192,25 @@ def test_tune_rejects_float_models():
     y = b.op("Relu", ["x"])
     with pytest.raises(InputFileError, match="no Q/DQ"):
         qdq_tune(b.build([y]))
+
+
+def test_qdq_tune_through_the_cli(tmp_path):
+    from conftest import run_cli
+
+    b = QDQGraph()
+    x = b.qdq("x", 0.02, "in")
+    added = b.op("Add", [b.qdq(b.conv(x, "conv1"), 0.05, "branch"), b.qdq("x", 0.02, "skip")], "add")
+    out = b.qdq(added, 0.05, "out")
+    source = tmp_path / "in.onnx"
+    b.build([out]).save(source)
+    before = source.read_bytes()
+    result = tmp_path / "tuned.onnx"
+    done = run_cli("optimize", str(source), "-o", str(result), "--pass", "qdq-tune", "-O", "residual=false")
+    assert done.returncode == 0, done.stderr
+    tuned = ModelArtifact.load(result)
+    counts = tuned.metadata["ptq"]["qdq_tune"]["counts"]
+    assert counts["unquantize-output"] == 1 and "residual-branch" not in counts
+    assert tuned.metadata["passes"][-1]["name"] == "qdq-tune"
+    assert source.read_bytes() == before
+    bad = run_cli("optimize", str(source), "-o", str(tmp_path / "x.onnx"), "--pass", "qdq-tune", "-O", "residul=false")
+    assert bad.returncode == 2 and "residual" in bad.stderr
