@@ -148,7 +148,7 @@ def _eliminate_noops(graph: Any) -> int:
             noop = op == "Identity" or (len(node.inputs) < 3 or _const(graph, node.inputs[2]) is not None
                                         and not bool(np.asarray(_const(graph, node.inputs[2])).any()))
         elif op == "Cast":
-            noop = x.dtype is not None and y.dtype is not None and np.dtype(x.dtype) == np.dtype(y.dtype)
+            noop = x.dtype is not None and y.dtype is not None and _same_dtype(x.dtype, y.dtype)
         elif op == "Transpose":
             perm = node.attrs.get("perm")
             noop = perm is not None and list(perm) == list(range(len(perm)))
@@ -167,7 +167,7 @@ def _eliminate_noops(graph: Any) -> int:
                 value, other = _const(graph, node.inputs[0]), node.inputs[1]
             if value is not None and np.asarray(value).dtype.kind in "fiu" and bool(np.all(np.asarray(value) == neutral)):
                 xs, ys = _static_shape(other), _static_shape(y)
-                same_dtype = other.dtype is None or y.dtype is None or np.dtype(other.dtype) == np.dtype(y.dtype)
+                same_dtype = other.dtype is None or y.dtype is None or _same_dtype(other.dtype, y.dtype)
                 if xs is not None and xs == ys and same_dtype:
                     noop, x = True, other
         if noop and bypass(node, graph, keep=x):
@@ -274,6 +274,25 @@ def _static_reshape_shapes(graph: Any) -> int:
                                     np.asarray(resolved, np.int64))
         changed += 1
     return changed
+
+
+def _same_dtype(a: Any, b: Any) -> bool:
+    """dtype equality that also copes with graphsurgeon's non-numpy dtypes (bfloat16, float8: onnx enums)."""
+    import numpy as np
+
+    try:
+        return bool(np.dtype(a) == np.dtype(b))
+    except TypeError:
+        return bool(a == b)
+
+
+def _is_float(dtype: Any) -> bool:
+    import numpy as np
+
+    try:
+        return np.dtype(dtype).kind == "f"
+    except TypeError:
+        return False
 
 
 def _zero_pad(graph: Any, node: Any) -> bool:
@@ -611,7 +630,7 @@ def fuse_preprocess(artifact: ModelArtifact, input: str | None = None, scale: An
     info: dict[str, Any] = {}
 
     def rewrite(graph: Any) -> None:
-        float_inputs = [t for t in graph.inputs if t.dtype is not None and np.dtype(t.dtype).kind == "f"
+        float_inputs = [t for t in graph.inputs if t.dtype is not None and _is_float(t.dtype)
                         and t.shape is not None and len(t.shape) == 4]
         if input is not None:
             named = [t for t in graph.inputs if t.name == input]
