@@ -44,6 +44,7 @@ ENTROPY_START = 128       # first candidate bin
 SCALES_FORMAT = "trtkit-scales"
 SCALES_VERSION = 1
 CHUNK = 1 << 20           # elements binned at a time
+DEFAULT_PER_ITEM: int | None = None  # histogram every value by default (see collect(per_item=...))
 TINY_AMAX = 1e-8          # used for tensors that are identically zero (scales must be > 0)
 
 
@@ -83,29 +84,43 @@ class TensorStats:
         self.hist = merged
         self.range = new_range
 
-    def update(self, values: np.ndarray, histogram: bool = True) -> None:
-        """Add a batch of values (any shape). Non-finite values are counted and left out.
+    def update(self, values: np.ndarray, histogram: bool = True, per_item: int | None = None) -> None:
+        """Add a batch of values (first axis = samples). Non-finite values are counted and left out.
 
         histogram=False keeps only min/max/count (enough for minmax; the histogram is then empty).
+        per_item: histogram at most about this many positions of each sample (the same positions in every
+        sample, a prime stride apart, whatever the batching); min, max and count always see every value.
         """
         x = np.asarray(values)
         if x.size == 0:
             return
         if x.dtype not in (np.float32, np.float64):
             x = x.astype(np.float32)
-        x = x.reshape(-1)
-        lo, hi = float(x.min()), float(x.max())  # NaN propagates, inf shows: the fast path needs no isfinite pass
+        items = x.shape[0] if x.ndim > 1 else 1
+        flat = x.reshape(-1)
+        lo, hi = float(flat.min()), float(flat.max())  # NaN propagates, inf shows: no isfinite pass needed
+        finite_mask = None
         if not (math.isfinite(lo) and math.isfinite(hi)):
-            finite = np.isfinite(x)
-            self.nonfinite += int(x.size - np.count_nonzero(finite))
-            x = x[finite]
-            if x.size == 0:
+            finite_mask = np.isfinite(flat)
+            self.nonfinite += int(flat.size - np.count_nonzero(finite_mask))
+            if not finite_mask.any():
                 return
-            lo, hi = float(x.min()), float(x.max())
+            lo, hi = float(flat[finite_mask].min()), float(flat[finite_mask].max())
+            self.count += int(np.count_nonzero(finite_mask))
+        else:
+            self.count += int(flat.size)
         self.min, self.max = min(self.min, lo), max(self.max, hi)
-        self.count += int(x.size)
         if not histogram:
             return
+        sample = flat
+        positions = flat.size // items
+        if per_item is not None and positions > per_item:
+            stride = _prime_at_least(-(-positions // per_item))
+            sample = flat.reshape(items, positions)[:, ::stride].reshape(-1)
+            if finite_mask is not None:
+                finite_mask = finite_mask.reshape(items, positions)[:, ::stride].reshape(-1)
+        if finite_mask is not None:
+            sample = sample[finite_mask]
         amax = max(abs(lo), abs(hi))
         if amax > 0.0:
             _, exponent = math.frexp(amax)  # amax < 2**exponent
@@ -113,11 +128,11 @@ class TensorStats:
             if new_range > self.range:
                 self._grow(new_range)
         if self.range == 0.0:
-            self.hist[0] += x.size
+            self.hist[0] += sample.size
             return
-        factor = x.dtype.type(FINE_BINS / self.range)  # a power of two: the product is exact, and < FINE_BINS
-        for start in range(0, x.size, CHUNK):  # chunks bound the temporaries (memory independent of batch size)
-            part = x[start:start + CHUNK]
+        factor = sample.dtype.type(FINE_BINS / self.range)  # a power of two: the product is exact, < FINE_BINS
+        for start in range(0, sample.size, CHUNK):  # chunks bound the temporaries
+            part = sample[start:start + CHUNK]
             if lo >= 0.0:
                 scaled = part * factor
             else:
@@ -161,6 +176,14 @@ class TensorStats:
 
     def to_summary(self) -> dict[str, Any]:
         return {"min": self.min, "max": self.max, "count": self.count}
+
+
+def _prime_at_least(n: int) -> int:
+    """Smallest prime >= n (strides that are prime do not alias with power-of-two image sizes)."""
+    candidate = max(2, n)
+    while any(candidate % d == 0 for d in range(2, int(candidate ** 0.5) + 1)):
+        candidate += 1
+    return candidate
 
 
 # ---- methods (vectorised; used by the built-in calibrator plugins) ----------------------------------------
@@ -383,10 +406,15 @@ def collect(
     threads: int | None = None,
     progress: bool = True,
     histograms: bool = True,
+    per_item: int | None = DEFAULT_PER_ITEM,
 ) -> Statistics:
     """Run the model over the data once (onnxruntime, FP32) and reduce every observed tensor's values.
 
     histograms=False collects min/max only (all `minmax` needs; several times cheaper per element).
+    per_item: histograms see at most about this many positions of each sample of each tensor (the same
+    positions in every sample, so results still do not depend on batching); None (default) = every value.
+    min/max are always exact. Subsampling makes histograms much cheaper but changes entropy results (its
+    divergence depends on how many values fill the tail bins): opt in when speed matters more.
     """
     from .data import DataFingerprint, DataSource, load_data
     from .runtime import session
@@ -412,10 +440,10 @@ def collect(
     def reduce(feeds: dict[str, np.ndarray], results: list[np.ndarray]) -> None:
         fingerprint.update(feeds)
         for name in observed_inputs:
-            stats[name].update(feeds[name], histograms)
+            stats[name].update(feeds[name], histograms, per_item)
         for name, value in zip(fetch, results, strict=True):
             if isinstance(value, np.ndarray) and value.dtype.kind == "f":
-                stats[name].update(value, histograms)
+                stats[name].update(value, histograms, per_item)
 
     batches: Iterator[dict[str, np.ndarray]] = source.batches()
     if progress:
@@ -436,7 +464,8 @@ def collect(
         if item.nonfinite:
             raise DataError(f"tensor '{name}' produced {item.nonfinite} NaN/Inf value(s) on the calibration data")
     model_info = {"sha256": model_fingerprint(onnx_model), "name": artifact.source.name if artifact.source else None}
-    data_info = {"sha256": fingerprint.hexdigest(), "samples": fingerprint.num_samples, "source": source.description}
+    data_info = {"sha256": fingerprint.hexdigest(), "samples": fingerprint.num_samples, "source": source.description,
+                 "histogram_positions_per_sample": per_item}
     return Statistics(stats, fingerprint.num_samples, model_info, data_info, tensor_names(onnx_model), histograms)
 
 
@@ -476,12 +505,14 @@ def calibrate(
     threads: int | None = None,
     progress: bool = True,
     output: str | os.PathLike[str] | None = None,
+    per_item: int | None = DEFAULT_PER_ITEM,
 ) -> Scales:
     """Collect statistics over `data` and compute per-tensor ranges with `method` (a calibrator plugin).
 
     model: path, ModelArtifact or ModelProto (FP32). data: anything `trtkit.data.load_data` accepts.
     overrides: tensor -> amax mapping, or a JSON/YAML file of tensor -> amax / {"amax"| "scale": v}, or a
     TensorRT calibration cache; pinned tensors keep these values. output: also save the scales JSON there.
+    per_item: histogram positions per sample per tensor (None: every value; min/max are always exact).
     """
     from .registry import get_registry
 
@@ -489,7 +520,7 @@ def calibrate(
     if overrides is not None and not isinstance(overrides, Mapping):
         _read_overrides_file(overrides)  # bad files fail before any work
     stats = collect(model, data, tensors=tensors, batch_size=batch_size, limit=limit, preprocess=preprocess,
-                    threads=threads, progress=progress, histograms=method != "minmax")
+                    threads=threads, progress=progress, histograms=method != "minmax", per_item=per_item)
     scales = stats.compute(method, overrides=overrides, options=options)
     if output is not None:
         scales.save(output)

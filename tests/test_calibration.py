@@ -252,3 +252,18 @@ def test_cli_calibrate_writes_scales_and_cache(small, tmp_path):
     bad = run_cli("calibrate", str(folder / "m.onnx"), "--data", str(folder / "d.npy"), "-O", "percentile=abc",
                   "-m", "percentile", "-o", str(tmp_path / "t.json"))
     assert bad.returncode == 2 and "percentile" in bad.stderr and not (tmp_path / "t.json").exists()
+
+
+def test_histogram_subsampling_is_batching_invariant():
+    rng = np.random.default_rng(3)
+    data = rng.laplace(size=(24, 4, 32, 32)).astype(np.float32)
+    exact = TensorStats("e")
+    exact.update(data)
+    sampled = [TensorStats("s"), TensorStats("t")]
+    sampled[0].update(data, per_item=512)
+    for start in range(0, 24, 5):
+        sampled[1].update(data[start:start + 5][::-1], per_item=512)
+    np.testing.assert_array_equal(sampled[0].hist, sampled[1].hist)
+    assert sampled[0].hist.sum() < exact.hist.sum() / 7  # 4096 positions per sample -> stride 11
+    assert (sampled[0].min, sampled[0].max, sampled[0].count) == (exact.min, exact.max, exact.count)
+    assert amax_percentile(sampled[0], 99.9) == pytest.approx(amax_percentile(exact, 99.9), rel=0.1)

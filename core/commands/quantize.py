@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per onnxruntime run.")] = 32,
         limit: Annotated[int | None, typer.Option("--limit", "-n", help="Use at most this many samples.")] = None,
         preprocess: Annotated[list[str] | None, typer.Option("--preprocess", "-P", help="Image preprocessing KEY=VALUE: resize, crop, scale, mean, std, channels, layout.")] = None,
+        per_sample: Annotated[int | None, typer.Option("--histogram-positions", help="Histogram at most this many positions per sample per tensor (faster; changes entropy results). Default: every value.")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary on stdout.")] = False,
     ) -> None:
         """Run the model over calibration data once and write per-tensor ranges (amax, scale = amax/127)."""
@@ -50,7 +51,8 @@ def register(app: typer.Typer) -> None:
         check_output_path(output, model)
         which = tensors or ("all" if cache is not None else "quantizable")
         stats = collect(model, data, tensors=which, batch_size=batch_size, limit=limit,
-                        preprocess=parse_key_values(preprocess, "--preprocess") or None)
+                        preprocess=parse_key_values(preprocess, "--preprocess") or None,
+                        histograms=method != "minmax", per_item=per_sample)
         scales = stats.compute(method, overrides=override, options=options)
         scales.save(output)
         if cache is not None:
