@@ -36,13 +36,15 @@ def export(
     method: str | None = None,
     options: Mapping[str, Any] | None = None,
     registry: Registry | None = None,
+    **extra: Any,
 ) -> ModelArtifact:
     """Export `source` to `output` (written atomically) and return the checked ModelArtifact.
 
     input_shapes: one shape ([1, 3, 224, 224] or "1x3x224x224"), a list of them, or {name: shape}.
     dynamic_batch: axis 0 of every input and output becomes "batch"; dynamic_axes: torch-style mapping.
     method: the torch exporter to use ("auto", "dynamo" or "torchscript"; auto = dynamo when onnxscript is
-    installed). options: any further exporter options (validated by its schema).
+    installed). options (or extra keyword arguments): any further exporter options, e.g. input_range, rtol,
+    seed (validated by the exporter's schema, so a misspelt name is an error with close matches).
     """
     from .errors import OptionError
     from .registry import get_registry
@@ -50,6 +52,10 @@ def export(
     registry = registry or get_registry()
     component = registry.exporter(exporter)
     given: dict[str, Any] = dict(options or {})
+    for key, value in extra.items():
+        if key in given and given[key] != value:
+            raise OptionError(f"option '{key}' given twice with different values")
+        given[key] = value
     if isinstance(input_shapes, Mapping):
         if input_names is not None and list(input_names) != list(input_shapes):
             raise OptionError("input_names and the keys of input_shapes differ")

@@ -35,7 +35,7 @@ DEFAULT_PASSES: list[str] = ["simplify", "optimize"]
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-4
 
-PassSpec = str | tuple[str, Mapping[str, Any]]
+PassSpec = str | tuple[str, Mapping[str, Any]] | Mapping[str, Any]
 
 
 @dataclass
@@ -139,6 +139,10 @@ def parse_pass_specs(passes: Sequence[PassSpec] | None, options: Mapping[str, An
             name, given = spec, {}
         elif isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str):
             name, given = spec[0], dict(spec[1] or {})
+        elif isinstance(spec, Mapping) and isinstance(spec.get("name"), str):  # {"name": ..., "options": {...}}
+            name = spec["name"]
+            given = dict(spec.get("options") or {})
+            given.update({k: v for k, v in spec.items() if k not in ("name", "options")})
         else:
             raise OptionError(f"a pass is a name or (name, options), got {spec!r}")
         resolved.append((registry.graph_pass(name), given))
@@ -184,7 +188,8 @@ def optimize(
     """Apply `passes` (default DEFAULT_PASSES) in order; check each; optionally write `output` atomically.
 
     model: a path or a ModelArtifact (never modified).
-    passes: names or (name, options) pairs; `options` adds `-O`-style settings (see parse_pass_specs).
+    passes: names, (name, options) pairs or {"name": ..., "options": {...}} tables; `options` adds `-O`-style
+    settings (see parse_pass_specs).
     check: numerical check after every pass (random inputs in `ranges`, default [-1, 1]; symbolic dims from
     `dims`, default 1). Returns an OptimizeResult (artifact, per-pass reports, overall max diff).
     """
