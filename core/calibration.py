@@ -418,7 +418,6 @@ def collect(
     """
     from .data import DataFingerprint, DataSource, load_data
     from .runtime import session
-    from .ui import track
 
     artifact = _artifact(model)
     onnx_model = artifact.model
@@ -447,7 +446,7 @@ def collect(
 
     batches: Iterator[dict[str, np.ndarray]] = source.batches()
     if progress:
-        batches = track(batches, total=_num_batches(source), description="calibrating")
+        batches = _track_samples(batches, source.num_samples)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtkit-calib") as pool:
         pending = None
         for feeds in batches:
@@ -467,6 +466,37 @@ def collect(
     data_info = {"sha256": fingerprint.hexdigest(), "samples": fingerprint.num_samples, "source": source.description,
                  "histogram_positions_per_sample": per_item}
     return Statistics(stats, fingerprint.num_samples, model_info, data_info, tensor_names(onnx_model), histograms)
+
+
+def _track_samples(batches: Iterator[dict[str, np.ndarray]], total: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """A progress bar counting samples (not batches) with their rate; silent when stderr is not a terminal."""
+    import sys
+
+    if not sys.stderr.isatty():
+        yield from batches
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    from .ui import console
+
+    class Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            return Text(f"{task.speed:7.1f} samples/s" if task.speed else "")
+
+    columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("calibrating", total=total)
+        for feeds in batches:
+            yield feeds
+            bar.advance(task, len(next(iter(feeds.values()))))
 
 
 def _done(value: Any) -> Any:
