@@ -497,9 +497,9 @@ def bias_correct(
 ) -> tuple[ModelArtifact, BiasReport]:
     """Empirical bias correction of a Q/DQ model. Returns (new artefact, report).
 
-    For every Conv/Gemm whose weight is dequantized (int8 -> DequantizeLinear) and whose output tensor also
-    exists in `reference` (the FP32 model the Q/DQ model was made from: trtkit's QDQ builder keeps tensor
-    names), the per-output-channel mean of (INT8 output - FP32 output) over `data` is subtracted from the
+    For every Conv/Gemm (and MatMul followed by a bias Add) whose weight is dequantized (int8 ->
+    DequantizeLinear) and whose output tensor also exists in `reference` (the FP32 model the Q/DQ model was
+    made from: trtkit's QDQ builder keeps tensor names), the per-output-channel mean of (INT8 output - FP32 output) over `data` is subtracted from the
     layer's bias (a bias is added when the layer has none). Q/DQ are emulated in float, as TensorRT computes.
     Layers are corrected one at a time in graph order, each measured with all upstream corrections applied
     (one run over the data per layer). iterations: sweeps over all layers (1 is usually enough).
@@ -532,20 +532,33 @@ def bias_correct(
     g = _Graph(result)
     ref_tensors = {name for node in ref.model.graph.node for name in node.output}
     report = BiasReport()
-    targets: dict[str, Any] = {}
+    targets: dict[str, tuple[Any, int]] = {}  # corrected tensor -> (node holding the bias, bias input slot)
+    names: dict[str, str] = {}
     axes: dict[str, int] = {}
     for node in g.graph.node:
         label_node = node.name or node.output[0]
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         weight_producer = g.producer.get(node.input[1])
         if weight_producer is None or weight_producer.op_type != "DequantizeLinear":
             continue
-        out = node.output[0]
+        holder, slot, out = node, 2, node.output[0]
+        if node.op_type == "MatMul":  # MatMul -> Add(bias initializer): correct the Add's constant
+            users = g.consumers.get(out, [])
+            if len(users) != 1 or users[0].op_type != "Add" or out in g.outputs:
+                report.skipped[label_node] = "MatMul without a following bias Add"
+                continue
+            holder = users[0]
+            slot = 1 - list(holder.input).index(out)
+            bias = holder.input[slot]
+            if bias not in g.inits or g.init(bias).ndim != 1:
+                report.skipped[label_node] = "the Add after the MatMul has no 1-D bias initializer"
+                continue
+            out = holder.output[0]
         if out not in ref_tensors:
             report.skipped[label_node] = f"output {out} not in the reference model"
             continue
-        if len(node.input) > 2 and node.input[2] and node.input[2] not in g.inits:
+        if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2] and node.input[2] not in g.inits:
             report.skipped[label_node] = "bias is not a float initializer"
             continue
         if node.op_type == "Gemm":
@@ -555,10 +568,11 @@ def bias_correct(
             if len(node.input) > 2 and node.input[2] and g.init(node.input[2]).ndim != 1:
                 report.skipped[label_node] = "bias is not one value per output"
                 continue
-        targets[out] = node
+        targets[out] = (holder, slot)
+        names[out] = label_node
         axes[out] = 1 if node.op_type == "Conv" else -1
     if not targets:
-        raise InputFileError(f"{label}: no quantized Conv/Gemm whose output is also in the reference model")
+        raise InputFileError(f"{label}: no quantized Conv/Gemm/MatMul+Add whose output is in the reference model")
 
     ref_means, report.samples = _channel_means(ref, axes, source.batches(), "reference")
     if report.samples == 0:
@@ -574,7 +588,7 @@ def bias_correct(
         else:
             means, _ = _channel_means(result, {out: axes[out]}, source.batches(), label)
             shift = means[out] - ref_means[out]
-        _add_to_bias(g, targets[out], -shift)
+        _add_to_bias(g, *targets[out], -shift)
         report.iterations = sweep + 1
     final_shift: dict[str, np.ndarray] = {}
     if verify:
@@ -586,9 +600,9 @@ def bias_correct(
             result.model = original_model
             final_shift = first_shift
             report.skipped["*"] = f"corrections did not reduce the mean shift ({before:.4g} -> {after:.4g}); kept"
-    for out, node in targets.items():
+    for out in targets:
         report.layers.append(BiasCorrection(
-            node=node.name or out, tensor=out, channels=int(first_shift[out].size),
+            node=names[out], tensor=out, channels=int(first_shift[out].size),
             shift_before=float(np.mean(np.abs(first_shift[out]))),
             shift_after=float(np.mean(np.abs(final_shift[out]))) if out in final_shift else None,
         ))
@@ -600,28 +614,28 @@ def bias_correct(
     return result, report
 
 
-def _add_to_bias(g: _Graph, node: Any, delta: np.ndarray) -> None:
-    """bias += delta (float32), creating or un-sharing the bias initializer as needed."""
+def _add_to_bias(g: _Graph, node: Any, slot: int, delta: np.ndarray) -> None:
+    """node.input[slot] (a bias) += delta (float32), creating or un-sharing the initializer as needed."""
     import numpy as np
 
     beta = float(_attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
     delta = (delta / (beta if beta else 1.0)).astype(np.float32)
-    name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    name = node.input[slot] if len(node.input) > slot and node.input[slot] else None
     if name is None:
         new = g.add_initializer(f"{node.name or node.output[0]}_bias", delta)
-        while len(node.input) < 2:
+        while len(node.input) < slot:
             node.input.append("")
-        if len(node.input) == 2:
+        if len(node.input) == slot:
             node.input.append(new)
         else:
-            node.input[2] = new
+            node.input[slot] = new
         g.consumers.setdefault(new, []).append(node)
         return
     current = g.init(name).astype(np.float32)
     if len(g.consumers.get(name, [])) > 1:
         new = g.add_initializer(f"{name}_corrected", (current + delta).astype(np.float32))
         g.consumers[name].remove(node)
-        node.input[2] = new
+        node.input[slot] = new
         g.consumers.setdefault(new, []).append(node)
         return
     g.set_array(name, (current + delta).astype(np.float32))

@@ -198,3 +198,42 @@ def test_passes_through_the_cli(ds_onnx, measured, digits_data, tmp_path):
     assert ModelArtifact.load(corrected).metadata["ptq"]["bias_correct"]["layers"] == 6
     missing = run_cli("optimize", str(qdq_path), "-o", str(tmp_path / "x.onnx"), "--pass", "bias-correct")
     assert missing.returncode == 2 and "reference" in missing.stderr
+
+
+def test_bias_correction_of_matmul_add_layers(tmp_path):
+    """Transformer-style MatMul -> Add(bias) layers: the Add's constant is corrected."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trtkit.calibration import calibrate
+    from trtkit.qdq import quantize
+
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.standard_normal((16, 32)).astype(np.float32) * 0.3,
+             "b1": rng.standard_normal(32).astype(np.float32),
+             "w2": rng.standard_normal((32, 8)).astype(np.float32) * 0.3,
+             "b2": rng.standard_normal(8).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"),
+             helper.make_node("Add", ["m1", "b1"], ["h1"], name="fc1_bias"),
+             helper.make_node("Relu", ["h1"], ["a1"], name="relu"),
+             helper.make_node("MatMul", ["a1", "w2"], ["m2"], name="fc2"),
+             helper.make_node("Add", ["b2", "m2"], ["y"], name="fc2_bias")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    fp32 = ModelArtifact.from_model(model)
+    # skewed inputs with outliers: percentile clipping leaves a biased error
+    data = {"x": (rng.standard_normal((64, 4, 16)) * 0.5 + rng.exponential(1.0, (64, 4, 16)) ** 2).astype(np.float32)}
+    quantized = quantize(fp32, calibrate(fp32, data, method="percentile", options={"percentile": 99.0},
+                                         progress=False))
+    corrected, report = bias_correct(quantized, fp32, data)
+    assert {layer.node for layer in report.layers} == {"fc1", "fc2"}
+    assert all(layer.shift_after < layer.shift_before for layer in report.layers)
+    changed = {t.name for t in corrected.model.graph.initializer
+               if t.name in ("b1", "b2") and not np.array_equal(corrected.tensor(t), fp32.tensor(t.name))}
+    assert changed == {"b1", "b2"}
+    test = {"x": (rng.standard_normal((64, 4, 16)) * 0.5 + rng.exponential(1.0, (64, 4, 16)) ** 2).astype(np.float32)}
+    reference = run(session(fp32), test)["y"]
+    assert sqnr_db(reference, run(session(corrected), test)["y"]) > sqnr_db(reference, run(session(quantized), test)["y"])
