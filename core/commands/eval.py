@@ -55,12 +55,86 @@ def register(app: typer.Typer) -> None:
             write_text(output, to_json({"evaluator": name, "passed": result.passed, "data": result.data}) + "\n")
         if as_json:
             stdout.print(to_json({"evaluator": name, "passed": result.passed, "data": result.data}),
-                         markup=False, highlight=False)
-        if result.summary:
+                         markup=False, highlight=False, soft_wrap=True)
+        if not show_tables(result.data):
             console.print(result.summary, markup=False, highlight=False, soft_wrap=True)
         if not result.passed:
             console.print(f"FAILED: evaluator '{name}' gates not met (exit code {GATE_FAILED_EXIT_CODE})",
-                          markup=False, highlight=False)
+                          markup=False, highlight=False, soft_wrap=True)
             # SystemExit, not typer.Exit: the core runs click with standalone_mode=False, which turns
             # typer.Exit into a return value that trtkit.cli.main does not propagate.
             raise SystemExit(GATE_FAILED_EXIT_CODE)
+
+
+def _number(value: object, digits: int = 4) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "n/a"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return f"{value:.{digits}g}"
+    return "" if value is None else str(value)
+
+
+def show_tables(data: dict) -> bool:
+    """Rich tables on stderr for accuracy and speed results; False when the data is of another kind."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..ui import console as terminal
+
+    # Logs and CI (stderr not a terminal): do not squeeze the tables into rich's default 80 columns.
+    console = terminal if terminal.is_terminal else Console(stderr=True, highlight=False, width=160)
+    runs = data.get("candidates") if isinstance(data.get("candidates"), list) else [data]
+    if all("outputs" in run and "checks" in run for run in runs):
+        for run in runs:
+            table = Table(title=f"{Path(str(run['candidate'])).name} vs {Path(str(run['reference'])).name} "
+                                f"({run['mode']}, {run['num_samples']} samples)")
+            for column in ("output", "cosine", "SQNR dB", "max |err|", "mean |err|", "p99 |err|", "max rel"):
+                table.add_column(column, justify="left" if column == "output" else "right")
+            for name, m in run["outputs"].items():
+                table.add_row(name, _number(m["cosine"], 6), _number(m["sqnr_db"]), _number(m["max_abs"]),
+                              _number(m["mean_abs"]), _number(m["p99_abs"]), _number(m["max_rel"]))
+            console.print(table)
+            task = run.get("task") or {}
+            if "agreement" in task:
+                console.print(f"top-1 agreement {_number(task['agreement'])}; on the confident subset "
+                              f"({_number(task['confident_fraction'], 3)} of samples) "
+                              f"{_number(task['confident_agreement'])}", markup=False, highlight=False, soft_wrap=True)
+            for key in sorted(k for k in task if k.startswith(("reference_top", "candidate_top"))):
+                console.print(f"{key} {_number(task[key])}", markup=False, highlight=False, soft_wrap=True)
+            if run["checks"]:
+                checks = Table(title="tolerances")
+                for column in ("output", "metric", "value", "limit", "result"):
+                    checks.add_column(column)
+                for c in run["checks"]:
+                    checks.add_row(c["output"], c["metric"], _number(c["value"], 6), f"{c['op']} {c['limit']:g}",
+                                   "pass" if c["passed"] else "[red]FAIL[/red]")
+                console.print(checks)
+        return True
+    models = data.get("models")
+    if isinstance(models, list) and models and all("latency" in m for m in models):
+        table = Table(title=f"latency (ms), batch {', '.join(sorted({str(m['batch']) for m in models}))}")
+        for column in ("model", "mode", "iters", "median", "mean", "p90", "p99", "min", "max", "CoV", "qps",
+                       "speed-up"):
+            table.add_column(column, justify="left" if column in ("model", "mode") else "right")
+        for m in models:
+            lat = m["latency"]
+            table.add_row(Path(str(m["model"])).name, m["mode"], str(m["iterations"]),
+                          *(f"{lat[k]:.3f}" for k in ("median_ms", "mean_ms", "p90_ms", "p99_ms", "min_ms", "max_ms")),
+                          f"{lat['cov']:.1%}", f"{m['throughput_qps']:.1f}", f"{m.get('speedup', 1.0):.2f}x")
+        console.print(table)
+        for m in models:
+            for key, value in (m.get("split") or {}).items():
+                console.print(f"{Path(str(m['model'])).name} {key}: median {value['median_ms']:.3f} ms",
+                              markup=False, highlight=False, soft_wrap=True)
+            if m.get("jetson"):
+                j = m["jetson"]
+                console.print(f"{Path(str(m['model'])).name}: {j['mean_power_w']:.2f} W, "
+                              f"{j['energy_per_inference_mj']:.3f} mJ/inference ({j['samples_in_run']} tegrastats "
+                              f"samples, {j['summary']['power_source']})", markup=False, highlight=False, soft_wrap=True)
+            if m.get("unstable"):
+                console.print(f"[yellow]warning:[/yellow] {Path(str(m['model'])).name}: unstable timings "
+                              f"(CoV {m['latency']['cov']:.1%}); pin threads (-O threads=N) or run longer", soft_wrap=True)
+        return True
+    return False
