@@ -84,11 +84,19 @@ def test_runtime_kernels_mode_is_reported(mlp_pair):
     (("eval", "accuracy", "-O", "min_sqrn=20"), "did you mean: min_sqnr"),
     (("eval", "accuracy", "-O", "topk=1,x"), "topk"),
     (("eval", "accuracy", "-O", "min_top1=0.5"), "needs labels"),
+    (("eval", "accuracy", "-O", "min_sqnr"), "KEY=VALUE"),
+    (("eval", "accuracy", "-O", "min_sqnr=nan"), "NaN"),
+    (("eval", "accuracy", "-O", "labels=FLOAT_LABELS"), "labels must be integers"),
+    (("eval", "accuracy", "-O", "scores=nope"), "unknown output 'nope'"),
+    (("eval", "accuracy", "--data", "missing.npy"), "missing.npy"),
 ])
-def test_bad_input_is_one_line_exit_2(mlp_pair, args, needle):
+def test_bad_input_is_one_line_exit_2(mlp_pair, args, needle, tmp_path):
     fp32, qdq, x_path = mlp_pair
+    np.save(tmp_path / "float_labels.npy", np.zeros(64, np.float32))
     name, evaluator, *rest = args
-    result = run_cli(name, evaluator, str(fp32), str(qdq), "--data", str(x_path), *rest)
+    rest = [arg.replace("FLOAT_LABELS", str(tmp_path / "float_labels.npy")) for arg in rest]
+    data = [] if "--data" in rest else ["--data", str(x_path)]
+    result = run_cli(name, evaluator, str(fp32), str(qdq), *data, *rest)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
