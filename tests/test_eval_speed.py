@@ -53,3 +53,28 @@ def test_speed_cli_json_and_emulation_flag(pair):
     rows = json.loads(result.stdout)["data"]["models"]
     assert rows[1]["mode"] == "Q/DQ emulated in float"
     assert "median" in result.stderr
+
+
+def _gpu_reason() -> str | None:
+    from trtkit import trt_common
+
+    reason = trt_common.unavailable_reason("tensorrt")
+    if reason:
+        return reason
+    gpu = trt_common.gpu_info()
+    return gpu if isinstance(gpu, str) else None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs NVIDIA TensorRT and a GPU: {_gpu_reason()}")
+def test_tensorrt_engine_gets_h2d_compute_d2h_split(pair, tmp_path):
+    fp32, _ = pair
+    engine = trtkit.build(fp32, tmp_path / "m.engine", builder="tensorrt", max_batch=8)
+    result = trtkit.evaluate("speed", [fp32, engine], iterations=50, warmup_ms=50.0, batch_size=8)
+    row = result.data["models"][1]
+    assert row["mode"] == "engine"
+    split = row["split"]
+    assert set(split) == {"h2d_ms", "compute_ms", "d2h_ms"}
+    assert all(value["median_ms"] >= 0 for value in split.values())
+    # The split covers part of the host-measured latency, never more.
+    assert sum(v["median_ms"] for v in split.values()) <= row["latency"]["median_ms"] * 1.05

@@ -3,9 +3,9 @@
 Per model: warm up for `warmup_ms`, then run for `duration_s` (or exactly `iterations`, never fewer than
 `min_iterations`), timing each synchronous inference with perf_counter. Reports latency min/max/mean/median/
 p90/p95/p99, throughput (queries and samples per second), the coefficient of variation (a warning when above
-`max_cov`), and the speed-up against the first model. Runners that expose per-inference timings (TensorRT
-engines: an attribute `last_timings` = {"h2d_ms", "compute_ms", "d2h_ms"} after each run) get the
-H2D / compute / D2H split as well.
+`max_cov`), and the speed-up against the first model. TensorRT engine runners are timed like trtexec (device
+buffers allocated once, CUDA events around H2D copy, enqueue and D2H copy: the `split`); any other runner that
+sets `last_timings` = {"h2d_ms", "compute_ms", "d2h_ms"} after each run gets the split as well.
 """
 
 from __future__ import annotations
@@ -48,16 +48,18 @@ def benchmark(path: str, data: str | None, batch_size: int, warmup_ms: float, du
     while warm == 0 or time.perf_counter() < deadline:
         runner.run(feeds)
         warm += 1
+    timer = EngineTimer.wrap(runner, feeds)
+    run = timer.run if timer is not None else runner.run
     latencies: list[float] = []
     splits: dict[str, list[float]] = {}
     start = time.perf_counter()
     end_by = start + duration_s
     while True:
         t0 = time.perf_counter()
-        runner.run(feeds)
+        run(feeds)
         t1 = time.perf_counter()
         latencies.append(t1 - t0)
-        timings = getattr(runner, "last_timings", None)
+        timings = timer.last_timings if timer is not None else getattr(runner, "last_timings", None)
         if isinstance(timings, dict):
             for key, value in timings.items():
                 splits.setdefault(key, []).append(float(value))
@@ -70,6 +72,8 @@ def benchmark(path: str, data: str | None, batch_size: int, warmup_ms: float, du
         elif count >= min_iterations and t1 >= end_by:
             break
     wall = time.perf_counter() - start
+    if timer is not None:
+        timer.close()
     stats = metrics.latency_stats(latencies)
     row: dict[str, Any] = {
         "model": path, "mode": run_mode(path, emulate), "iterations": len(latencies), "warmup_iterations": warm,
@@ -113,3 +117,72 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"warning: {Path(row['model']).name}: unstable timings (CoV {row['latency']['cov']:.1%}); "
                          "close other programs, pin threads (-O threads=N) or run longer")
     return "\n".join(lines)
+
+
+class EngineTimer:
+    """trtexec-style timing of a TensorRT engine runner: device buffers allocated once, CUDA events around the
+    host-to-device copies, the enqueue and the device-to-host copies -> last_timings {h2d_ms, compute_ms,
+    d2h_ms}. Used for runners with a TensorRT execution context (trtkit.trt_common.EngineRunner)."""
+
+    def __init__(self, runner: Any, feeds: dict[str, np.ndarray]) -> None:
+        from trtkit.trt_common import _check, _cudart, cuda_malloc
+
+        self.cudart = _cudart()
+        self._check = _check
+        self.runner = runner
+        self.stream = runner.stream
+        self.pointers: list[int] = []
+        self.inputs: list[tuple[np.ndarray, int]] = []
+        self.outputs: list[tuple[np.ndarray, int]] = []
+        context = runner.context
+        for spec in runner.info["inputs"]:
+            array = np.ascontiguousarray(feeds[spec["name"]], dtype=spec["dtype"])
+            if not context.set_input_shape(spec["name"], array.shape):
+                raise DataError(f"{runner.path}: input '{spec['name']}' shape {array.shape} is outside the "
+                                "engine's profile")
+            pointer = cuda_malloc(array.nbytes)
+            self.pointers.append(pointer)
+            context.set_tensor_address(spec["name"], pointer)
+            self.inputs.append((array, pointer))
+        for spec in runner.info["outputs"]:
+            result = np.empty(tuple(context.get_tensor_shape(spec["name"])), dtype=spec["dtype"])
+            pointer = cuda_malloc(result.nbytes)
+            self.pointers.append(pointer)
+            context.set_tensor_address(spec["name"], pointer)
+            self.outputs.append((result, pointer))
+        self.events = [self._check(self.cudart.cudaEventCreate(), "cudaEventCreate") for _ in range(4)]
+        self.last_timings: dict[str, float] = {}
+
+    @classmethod
+    def wrap(cls, runner: Any, feeds: dict[str, np.ndarray]) -> EngineTimer | None:
+        if not all(hasattr(runner, name) for name in ("context", "stream", "info")):
+            return None
+        return cls(runner, feeds)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> None:
+        from trtkit.trt_common import cuda_memcpy_dtoh, cuda_memcpy_htod
+
+        cudart, check, events = self.cudart, self._check, self.events
+        check(cudart.cudaEventRecord(events[0], self.stream), "cudaEventRecord")
+        for array, pointer in self.inputs:
+            cuda_memcpy_htod(pointer, array, self.stream)
+        check(cudart.cudaEventRecord(events[1], self.stream), "cudaEventRecord")
+        if not self.runner.context.execute_async_v3(self.stream):
+            raise DataError(f"{self.runner.path}: TensorRT execution failed")
+        check(cudart.cudaEventRecord(events[2], self.stream), "cudaEventRecord")
+        for result, pointer in self.outputs:
+            cuda_memcpy_dtoh(result, pointer, self.stream)
+        check(cudart.cudaEventRecord(events[3], self.stream), "cudaEventRecord")
+        check(cudart.cudaEventSynchronize(events[3]), "cudaEventSynchronize")
+        elapsed = [float(check(cudart.cudaEventElapsedTime(events[i], events[i + 1]), "cudaEventElapsedTime"))
+                   for i in range(3)]
+        self.last_timings = {"h2d_ms": elapsed[0], "compute_ms": elapsed[1], "d2h_ms": elapsed[2]}
+
+    def close(self) -> None:
+        from trtkit.trt_common import cuda_free
+
+        for event in self.events:
+            self.cudart.cudaEventDestroy(event)
+        for pointer in self.pointers:
+            cuda_free(pointer)
+        self.pointers = []
