@@ -84,6 +84,10 @@ def benchmark(path: str, data: str | None, batch_size: int, warmup_ms: float, du
     if splits:
         row["split"] = {key: {"median_ms": float(np.median(v)), "mean_ms": float(np.mean(v))}
                         for key, v in sorted(splits.items())}
+        copies = sum(row["split"].get(k, {}).get("median_ms", 0.0) for k in ("h2d_ms", "d2h_ms"))
+        compute = row["split"].get("compute_ms", {}).get("median_ms")
+        # trtexec's hint: when copies take longer than the compute, the run is transfer-bound.
+        row["transfer_bound"] = bool(compute is not None and copies > compute)
     return row
 
 
@@ -113,6 +117,9 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"    {key}: median {value['median_ms']:.3f} ms, mean {value['mean_ms']:.3f} ms")
     lines.append("latencies in ms, batch " + ", ".join(sorted({str(r["batch"]) for r in rows})))
     for row in rows:
+        if row.get("transfer_bound"):
+            lines.append(f"warning: {Path(row['model']).name}: transfer-bound (H2D + D2H copies take longer than the "
+                         "compute); keep data on the device or batch more")
         if row["unstable"]:
             lines.append(f"warning: {Path(row['model']).name}: unstable timings (CoV {row['latency']['cov']:.1%}); "
                          "close other programs, pin threads (-O threads=N) or run longer")
