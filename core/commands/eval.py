@@ -7,7 +7,7 @@ Exit codes: 0 all gates passed; 3 the evaluation ran but a tolerance gate failed
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -76,7 +76,7 @@ def _number(value: object, digits: int = 4) -> str:
     return "" if value is None else str(value)
 
 
-def show_tables(data: dict) -> bool:
+def show_tables(data: dict[str, Any]) -> bool:
     """Rich tables on stderr for accuracy and speed results; False when the data is of another kind."""
     from rich.console import Console
     from rich.table import Table
@@ -85,7 +85,8 @@ def show_tables(data: dict) -> bool:
 
     # Logs and CI (stderr not a terminal): do not squeeze the tables into rich's default 80 columns.
     console = terminal if terminal.is_terminal else Console(stderr=True, highlight=False, width=160)
-    runs = data.get("candidates") if isinstance(data.get("candidates"), list) else [data]
+    candidates = data.get("candidates")
+    runs: list[Any] = candidates if isinstance(candidates, list) else [data]
     if all("outputs" in run and "checks" in run for run in runs):
         for run in runs:
             table = Table(title=f"{Path(str(run['candidate'])).name} vs {Path(str(run['reference'])).name} "

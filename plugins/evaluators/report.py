@@ -87,8 +87,9 @@ def _stats(path: str) -> dict[str, Any]:
 
 
 def _calibration(path: str, metadata: dict[str, Any]) -> dict[str, Any]:
-    given = metadata.get("calibration") if isinstance(metadata.get("calibration"), dict) else {}
-    result = {"method": given.get("method", "read from the QDQ model's scales"),
+    found = metadata.get("calibration")
+    given: dict[str, Any] = found if isinstance(found, dict) else {}
+    result: dict[str, Any] = {"method": given.get("method", "read from the QDQ model's scales"),
               "num_samples": given.get("num_samples", "")}
     result["scales"] = given.get("scales") or qdq_scales(path)
     return result
