@@ -280,8 +280,9 @@ def graph_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
         "nodes": len(model.graph.node),
         "initializers": len(model.graph.initializer),
         "parameters": parameters,
-        "size_bytes": Path(path).stat().st_size + artifact.weight_bytes() * any(
-            uses_external_data(t) for t in model.graph.initializer),
+        "size_bytes": Path(path).stat().st_size + sum(
+            int({e.key: e.value for e in t.external_data}.get("length", 0))
+            for t in model.graph.initializer if uses_external_data(t)),
         "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
         "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in input_specs(model)],
