@@ -222,3 +222,21 @@ def test_trtkit_tensorrt_rtx_builder_accepts_the_export(qat_onnx, tmp_path):
     import json
 
     assert json.loads(done.stdout)["precision"]["qdq"] is True
+
+
+def test_label_free_distillation_with_a_custom_loss(digits_model, digits_data):
+    """finetune() takes any loss: match the FP32 model's logits (no labels needed)."""
+    x_train = digits_data[0][:128]
+    with torch.no_grad():
+        teacher = digits_model(torch.from_numpy(x_train))
+    qmodel = qat.quantize_model(digits_model)
+    qat.calibrate(qmodel, [x_train[:32]], method="percentile", options={"percentile": 99.0})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        losses = qat.finetune(qmodel, x_train, teacher, epochs=3, lr=5e-4, batch_size=32,
+                              loss=torch.nn.functional.mse_loss)
+    finally:
+        torch.set_num_threads(threads)
+    assert losses[-1] < losses[0]
+    assert all(np.isfinite(losses))
