@@ -435,29 +435,39 @@ def check_options(module: ModuleType, options: Mapping[str, Any], qdq: bool) -> 
     return flags
 
 
-def _apply_layer_precisions(module: ModuleType, network: trt.INetworkDefinition, wanted: dict[str, str]) -> dict[str, str]:
-    """Pin layers (matched by ONNX node name or glob) to a precision; returns {layer: precision}."""
-    types = {"fp32": module.DataType.FLOAT, "fp16": module.DataType.HALF, "int8": module.DataType.INT8}
+def match_layers(layer_names: list[str], wanted: Mapping[str, str]) -> dict[str, str]:
+    """{layer: precision} for layers named (ONNX node name) or globbed in `wanted`; the first pattern wins.
+
+    A pattern matching no layer is an OptionError listing close layer names.
+    """
     applied: dict[str, str] = {}
     matched = dict.fromkeys(wanted, False)
-    for index in range(network.num_layers):
-        layer = network.get_layer(index)
+    for name in layer_names:
         for pattern, precision in wanted.items():
-            if layer.name == pattern or fnmatch.fnmatchcase(layer.name, pattern):
+            if name == pattern or fnmatch.fnmatchcase(name, pattern):
                 matched[pattern] = True
-                layer.precision = types[precision]
-                for out in range(layer.num_outputs):
-                    if layer.get_output(out).is_execution_tensor:
-                        layer.set_output_type(out, types[precision])
-                applied[layer.name] = precision
+                applied[name] = precision
                 break
     missing = [p for p, hit in matched.items() if not hit]
     if missing:
         from .errors import unknown_name
 
-        names = [network.get_layer(i).name for i in range(network.num_layers)]
-        raise OptionError(f"option 'layer_precisions': {unknown_name('layer', missing[0], names)}")
+        raise OptionError(f"option 'layer_precisions': {unknown_name('layer', missing[0], layer_names)}")
     return dict(sorted(applied.items()))
+
+
+def _apply_layer_precisions(module: ModuleType, network: trt.INetworkDefinition, wanted: dict[str, str]) -> dict[str, str]:
+    """Pin layers (matched by ONNX node name or glob) to a precision (TensorRT <= 10); returns {layer: precision}."""
+    types = {"fp32": module.DataType.FLOAT, "fp16": module.DataType.HALF, "int8": module.DataType.INT8}
+    layers = [network.get_layer(index) for index in range(network.num_layers)]
+    applied = match_layers([layer.name for layer in layers], wanted)
+    for layer in layers:
+        if layer.name in applied:
+            layer.precision = types[applied[layer.name]]
+            for out in range(layer.num_outputs):
+                if layer.get_output(out).is_execution_tensor:
+                    layer.set_output_type(out, types[applied[layer.name]])
+    return applied
 
 
 # ---- calibration (TensorRT <= 10 implicit INT8) --------------------------------------------------------------

@@ -250,3 +250,20 @@ def test_build_progress_monitor_reports_tensorrt_phases(models, tmp_path, capfd)
         assert builder.build_serialized_network(network, config) is not None
     assert "Building engine" in monitor.phases and not monitor.tasks  # every started phase finished
     assert "Exception caught" not in capfd.readouterr().err  # TensorRT swallows callback errors: check its log
+
+
+def test_layer_precision_patterns_match_parsed_layer_names(models):
+    """TensorRT names parsed layers after the ONNX nodes: patterns are checked against a real parsed network."""
+    module = trt_common.import_trt(RTX)
+    logger = trt_common.make_logger(module)
+    builder = module.Builder(logger)
+    network = trt_common._create_network(module, builder, strongly_typed=False)
+    trt_common.parse_onnx(module, builder, network, logger, models["qdq"])
+    names = [network.get_layer(i).name for i in range(network.num_layers)]
+    assert {"conv0", "x_quant", "W_dequant", "c_dequant"} <= set(names)
+    wanted = trt_common.parse_layer_precisions("conv0:fp32,*_dequant:fp16")
+    applied = trt_common.match_layers(names, wanted)
+    assert applied["conv0"] == "fp32" and applied["W_dequant"] == "fp16" and applied["c_dequant"] == "fp16"
+    assert "x_quant" not in applied
+    with pytest.raises(OptionError, match="unknown layer 'conv9' \\(did you mean: conv0"):
+        trt_common.match_layers(names, {"conv9": "fp32"})
