@@ -89,12 +89,14 @@ def test_runtime_kernels_mode_is_reported(mlp_pair):
     (("eval", "accuracy", "-O", "labels=FLOAT_LABELS"), "labels must be integers"),
     (("eval", "accuracy", "-O", "scores=nope"), "unknown output 'nope'"),
     (("eval", "accuracy", "--data", "missing.npy"), "missing.npy"),
+    (("eval", "accuracy", "-o", "FP32_PATH"), "would overwrite the input"),
 ])
 def test_bad_input_is_one_line_exit_2(mlp_pair, args, needle, tmp_path):
     fp32, qdq, x_path = mlp_pair
     np.save(tmp_path / "float_labels.npy", np.zeros(64, np.float32))
     name, evaluator, *rest = args
-    rest = [arg.replace("FLOAT_LABELS", str(tmp_path / "float_labels.npy")) for arg in rest]
+    rest = [arg.replace("FLOAT_LABELS", str(tmp_path / "float_labels.npy")).replace("FP32_PATH", str(fp32))
+            for arg in rest]
     data = [] if "--data" in rest else ["--data", str(x_path)]
     result = run_cli(name, evaluator, str(fp32), str(qdq), *data, *rest)
     assert result.returncode == 2, result.stderr

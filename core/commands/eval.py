@@ -42,6 +42,10 @@ def register(app: typer.Typer) -> None:
         from ..ui import console, stdout
 
         evaluator = get_registry().evaluator(name)
+        if output is not None:
+            from ..fileio import check_output_path
+
+            check_output_path(output, *models, data)
         options = parse_key_values(option, "-O/--option")
         if data is not None:
             options["data"] = data

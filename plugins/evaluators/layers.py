@@ -77,13 +77,15 @@ def evaluate_layers(models: list[str], data: str | None, num_samples: int, batch
         "output_sqnr_db": full[0], "output_cosine": full[1], "sensitivity_mode": sensitivity,
     }
     ranking: list[dict[str, Any]] = []
+    from trtkit.ui import track
+
     if sensitivity == "single":
-        for name in names:
+        for name in track(names, total=len(names), description="sensitivity"):
             sqnr, cos = cached(n for n in names if n != name)
             ranking.append({"node": name, "op": ops[name], "sqnr_db": sqnr, "cosine": cos})
         ranking.sort(key=lambda item: (item["sqnr_db"], item["node"]))
     elif sensitivity == "leave-one-out":
-        for name in names:
+        for name in track(names, total=len(names), description="sensitivity"):
             sqnr, cos = cached([name])
             ranking.append({"node": name, "op": ops[name], "sqnr_db": sqnr, "cosine": cos,
                             "gain_db": sqnr - full[0]})
