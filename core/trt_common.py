@@ -758,6 +758,7 @@ def build_engine(builder_name: str, model: str | os.PathLike[str], output: str |
             config.set_flag(module.BuilderFlag.GPU_FALLBACK)
 
     calibrator = None
+    notes: list[str] = []
     calibration: dict[str, Any] | None = None
     cache_path = Path(options["calibration_cache"]) if options.get("calibration_cache") else None
     if options.get("calibration_data"):
@@ -768,9 +769,15 @@ def build_engine(builder_name: str, model: str | os.PathLike[str], output: str |
     elif cache_path is not None:
         if not cache_path.is_file():
             raise InputFileError(f"{cache_path}: no such calibration cache")
-        _check_calibration_cache(cache_path, module)
-        calibrator = make_calibrator(module, options.get("calibrator") or "entropy", [], cache_path)
-        calibration = {"source": "cache", "cache_sha256": sha256_file(cache_path)}
+        kind, cache_version = calibrator_for_cache(cache_path)
+        from .trtcache import version_number
+
+        here = version_number(".".join(map(str, version_tuple(module))))
+        if cache_version != here:
+            notes.append(f"calibration cache {cache_path.name} was written for TensorRT {cache_version}, "
+                         f"this is {here}: check the build log if TensorRT ignores it")
+        calibrator = make_calibrator(module, kind, [], cache_path)
+        calibration = {"source": "cache", "calibrator": kind, "cache_sha256": sha256_file(cache_path)}
     if calibrator is not None:
         config.int8_calibrator = calibrator
         if profiles:  # calibration runs at one shape: the calibration batch's (else the profile's opt)
@@ -810,6 +817,8 @@ def build_engine(builder_name: str, model: str | os.PathLike[str], output: str |
     data = bytes(memoryview(serialized))
 
     timing_bytes = _save_timing_cache(config, timing_path) if timing_path is not None else None
+    if timing_path is not None and is_rtx(module):
+        notes.append("TensorRT-RTX accepts a timing cache but does not use it (it compiles kernels at run time)")
 
     device = None if is_rtx(module) else gpu_info()
     info: dict[str, Any] = {
@@ -836,13 +845,14 @@ def build_engine(builder_name: str, model: str | os.PathLike[str], output: str |
         "timing_cache": None if timing_path is None else {"file": str(timing_path), "loaded": timing_loaded,
                                                            "bytes": timing_bytes},
         "trtkit_version": _trtkit_version(),
+        "notes": notes,
     }
     sidecar = sidecar_path(out)
     # The sidecar goes first: an engine never appears without the facts needed to check it before loading.
     write_text(sidecar, json.dumps(info, indent=2, sort_keys=True) + "\n")
     with atomic_path(out) as tmp:
         tmp.write_bytes(data)
-    return BuildResult(out, sidecar, info, logger.warnings())
+    return BuildResult(out, sidecar, info, notes + logger.warnings())
 
 
 def _trtkit_version() -> str:
@@ -874,10 +884,24 @@ def _set_compute_capabilities(module: ModuleType, config: Any, wanted: list[str]
     return chosen
 
 
-def _check_calibration_cache(path: Path, module: ModuleType) -> None:
-    first = path.read_text(errors="replace").splitlines()[:1]
-    if not first or not first[0].startswith("TRT-"):
-        raise InputFileError(f"{path}: not a TensorRT calibration cache (first line should be TRT-<version>-<algorithm>)")
+CACHE_CALIBRATORS = {"EntropyCalibration2": "entropy", "MinMaxCalibration": "minmax"}
+
+
+def calibrator_for_cache(path: Path) -> tuple[str, int]:
+    """(calibrator kind, header version) for a TensorRT calibration cache.
+
+    TensorRT only reads a cache whose header algorithm matches the calibrator class asking for it (an entropy
+    calibrator ignores a MinMax cache and then has no data to calibrate with), so the cache decides the class.
+    """
+    from .trtcache import read_cache
+
+    scales = read_cache(path)  # InputFileError naming the file and line for malformed caches
+    options = getattr(scales, "options", {}) or {}
+    algorithm = str(options.get("algorithm"))
+    if algorithm not in CACHE_CALIBRATORS:
+        raise InputFileError(f"{path}: calibration cache algorithm '{algorithm}' is not supported "
+                             f"(use {' or '.join(CACHE_CALIBRATORS)})")
+    return CACHE_CALIBRATORS[algorithm], int(options.get("trt_version") or 0)
 
 
 # ---- loading and running -------------------------------------------------------------------------------------

@@ -172,3 +172,19 @@ def test_tensorrt_implicit_int8_with_calibrator(tmp_path):
     from_cache = trtkit.build(model, tmp_path / "c.engine", builder="tensorrt", precision="int8", max_batch=8,
                               calibration_cache=str(cache))
     assert trt_common.read_sidecar(from_cache)["precision"]["calibration"]["source"] == "cache"
+
+
+def test_cache_header_decides_the_calibrator_class(tmp_path):
+    from trtkit.trtcache import write_cache
+
+    scales = {"x": 2.0, "c": 5.0}
+    entropy = write_cache(scales, tmp_path / "entropy.cache", trt_version="10.3.0")
+    minmax = write_cache(scales, tmp_path / "minmax.cache", trt_version="8.6.1", algorithm="MinMaxCalibration")
+    legacy = write_cache(scales, tmp_path / "legacy.cache", algorithm="LegacyCalibration")
+    assert trt_common.calibrator_for_cache(entropy) == ("entropy", 100300)
+    assert trt_common.calibrator_for_cache(minmax) == ("minmax", 8601)
+    with pytest.raises(InputFileError, match="algorithm 'LegacyCalibration' is not supported"):
+        trt_common.calibrator_for_cache(legacy)
+    (tmp_path / "bad.cache").write_text("not a cache\n")
+    with pytest.raises(InputFileError, match="bad.cache:1: bad calibration cache header"):
+        trt_common.calibrator_for_cache(tmp_path / "bad.cache")

@@ -115,6 +115,7 @@ def test_timing_cache_round_trip(models, tmp_path):
     second = trtkit.build(models["fp32_static"], tmp_path / "b.engine", builder=RTX, timing_cache=str(cache))
     assert _sidecar(second)["timing_cache"] == {"file": str(cache), "loaded": True, "bytes": len(saved)}
     assert cache.read_bytes() == saved  # loaded, then saved back unchanged
+    assert any("does not use it" in note for note in _sidecar(second)["notes"])
     assert second.read_bytes() == first.read_bytes()
 
 

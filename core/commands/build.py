@@ -99,7 +99,7 @@ def _summary(info: dict[str, Any], written: Path) -> dict[str, Any]:
             "inputs": info.get("inputs"),
             "outputs": info.get("outputs"),
             "sidecar": str(written.with_name(written.name + ".json")),
-            "notes": [],
+            "notes": info.get("notes", []),
         })
     else:
         build_info = info.get("build") or {}
