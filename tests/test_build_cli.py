@@ -78,3 +78,30 @@ def test_list_options():
     assert result.returncode == 0, result.stderr
     names = {row["name"] for row in json.loads(result.stdout)["options"]}
     assert {"precision", "min_shapes", "max_shapes", "timing_cache", "dla_core", "calibration_cache"} <= names
+
+
+def test_engine_for_another_tensorrt_version_is_refused_by_the_cli(models, tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    engine = tmp_path / "m.engine"
+    assert run_cli("build", str(models["fp32"]), "-b", "tensorrt-rtx", "-o", str(engine)).returncode == 0
+    sidecar = tmp_path / "m.engine.json"
+    info = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**info, "tensorrt_version": "1.0.0"}))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result = run_cli("inspect", str(engine), "--load")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "m.engine" in lines[0] and "built with tensorrt_rtx 1.0.0" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_failed_build_leaves_the_previous_output_intact(models, tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    out = tmp_path / "keep.engine"
+    out.write_bytes(b"previous engine")
+    (tmp_path / "keep.engine.json").write_text("{}")
+    result = run_cli("build", str(models["custom"]), "-b", "tensorrt-rtx", "-o", str(out))
+    assert result.returncode == 2 and "node 'my_foo' (FooBar)" in result.stderr
+    assert out.read_bytes() == b"previous engine" and (tmp_path / "keep.engine.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.engine", "keep.engine.json"]  # no temp files left

@@ -66,6 +66,8 @@ def register(app: typer.Typer) -> None:
     def inspect_command(
         artifact: Annotated[Path, typer.Argument(help="A built engine (reads its .json sidecar) or ONNX model.")],
         as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
+        load: Annotated[bool, typer.Option("--load", help="Also open it for running here (checks TensorRT "
+                                           "version and GPU against the sidecar).")] = False,
     ) -> None:
         """Show what a built artefact is: TensorRT version, device, precision, inputs/outputs, profiles."""
         import json
@@ -74,6 +76,11 @@ def register(app: typer.Typer) -> None:
         from ..ui import stdout
 
         info = describe(artifact)
+        if load:
+            from ..runners import open_runner
+
+            runner = open_runner(artifact)
+            info["runnable_here"] = {"inputs": list(runner.input_names), "outputs": list(runner.output_names)}
         if as_json:
             typer.echo(json.dumps(info, indent=2, sort_keys=True))
             return
