@@ -105,6 +105,7 @@ def build(model: str | os.PathLike[str], output: str | os.PathLike[str], *, opti
           threads: int | None = None, providers: list[str] | None = None, no_vnni: str = "requantize",
           vnni: str = "auto") -> Path:
     import onnxruntime as ort
+
     from trtkit.errors import BuildError, InputFileError, OptionError
     from trtkit.fileio import check_output_path, sha256_file
     from trtkit.model import ModelArtifact
