@@ -133,3 +133,15 @@ def test_confident_subset_and_custom_metric(digits_eval):
     assert task["confident_fraction"] == pytest.approx(confident.mean())
     assert task["confident_agreement"] == pytest.approx(np.mean(ref.argmax(1)[confident] == cand.argmax(1)[confident]))
     assert task["custom"]["shift"] == pytest.approx(float(np.mean(cand - ref)), abs=1e-5)
+
+
+def test_results_are_deterministic(mlp_pair, tmp_path):
+    fp32, qdq, x_path = mlp_pair
+    from trtkit.evaluation import to_json
+
+    first = trtkit.evaluate("accuracy", [fp32, qdq], data=str(x_path), min_cosine="y:0.5")
+    second = trtkit.evaluate("accuracy", [fp32, qdq], data=str(x_path), min_cosine={"y": 0.5})
+    assert to_json(first.data) == to_json(second.data)
+    random_a = trtkit.evaluate("accuracy", [fp32, qdq], num_samples=16, seed=3)
+    random_b = trtkit.evaluate("accuracy", [fp32, qdq], num_samples=16, seed=3)
+    assert to_json(random_a.data) == to_json(random_b.data) and random_a.data["num_samples"] == 16
