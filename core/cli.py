@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         registry = load_plugins(block=_flag_values(argv, "--no-plugin"))
         set_registry(registry)
         command = typer.main.get_command(build_app(registry))
-        command.main(args=argv, prog_name="trtkit", standalone_mode=False)
+        # Without standalone mode, click returns the code of `typer.Exit(code)` instead of raising it.
+        returned = command.main(args=argv, prog_name="trtkit", standalone_mode=False)
+        if isinstance(returned, int):
+            code = returned
     except typer.Exit as exc:
         code = exc.exit_code
     except typer.Abort:

@@ -42,6 +42,13 @@ GOOD = """
         def hello() -> None:
             '''Say hello from a plugin.'''
             print("hello from good_plugin")
+
+        @cli.command("exit-with")
+        def exit_with(code: int) -> None:
+            '''Exit with CODE (checks that command exit codes reach the shell).'''
+            import typer
+
+            raise typer.Exit(code)
 """
 
 BROKEN_IMPORT = """

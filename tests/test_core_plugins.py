@@ -63,6 +63,7 @@ def test_third_party_plugin_registers_and_adds_a_command(third_party):
     assert good["hooks"] == ["register_calibrators", "register_commands"]
     hello = run_cli("hello-plugin", env=third_party)
     assert hello.returncode == 0 and "hello from good_plugin" in hello.stdout
+    assert run_cli("exit-with", "4", env=third_party).returncode == 4
     version = run_cli("--version", env=third_party)
     assert "plugin good_plugin 1.2.3" in version.stdout
 
