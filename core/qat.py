@@ -421,7 +421,8 @@ def finetune(
     """Short QAT fine-tuning with Adam (in place); returns the mean loss of every epoch.
 
     inputs/targets: arrays or tensors (cross-entropy on class indices by default; pass `loss` otherwise).
-    amax_lr: learning rate of learned amax parameters (default 10 x lr).
+    amax_lr: learning rate of learned amax parameters (default 10 x lr). To recover from badly calibrated
+      ranges (too small by several times), use lr around 1e-3 so amax can move far enough in a few epochs.
     Deterministic for a given seed on the CPU.
     """
     import torch
@@ -450,6 +451,9 @@ def finetune(
                 value = loss(qmodel(x[index]), y[index])
                 value.backward()
                 optimizer.step()
+                with torch.no_grad():  # keep learned ranges positive (the sign is meaningless)
+                    for amax in amax_params:
+                        amax.abs_().clamp_(min=1e-8)
                 total += float(value.detach()) * len(index)
                 count += len(index)
             history.append(total / count)
