@@ -98,10 +98,15 @@ def import_trt(builder: str) -> ModuleType:
 
 
 def unavailable_reason(builder: str) -> str | None:
+    """Why `builder` cannot build here, or None. TensorRT builds on (and for) a GPU; TensorRT-RTX needs none."""
     try:
-        import_trt(builder)
+        module = import_trt(builder)
     except BuildError as exc:
         return str(exc)
+    if not is_rtx(module):
+        gpu = gpu_info()
+        if isinstance(gpu, str):
+            return f"{builder}: {product(module)} builds engines on the GPU they run on: {gpu}"
     return None
 
 
