@@ -257,3 +257,75 @@ def test_sigkill_during_write_keeps_previous_artefacts(tmp_path):
         art = ModelArtifact.load(tmp_path / "out" / "m.onnx")
         assert art.metadata == {"run": "interrupted"}
         assert art.tensor("w23").shape == (1024, 1024)
+
+
+# ---- interrupted calibration ------------------------------------------------------------------------------
+def _calibration_job(folder: Path) -> tuple[Path, Path]:
+    """A small conv net and enough data that calibration runs for a few seconds."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes, previous, channels = [], [], "x", 3
+    for index in range(3):
+        w = (rng.standard_normal((16, channels, 3, 3)) / np.sqrt(channels * 9)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{index}"))
+        nodes.append(helper.make_node("Conv", [previous, f"w{index}"], [f"c{index}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{index}"], [f"r{index}"]))
+        previous, channels = f"r{index}", 16
+    nodes.append(helper.make_node("GlobalAveragePool", [previous], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16, 1, 1])], inits)
+    model = folder / "net.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    data = folder / "calib.npy"
+    np.save(data, rng.uniform(-1, 1, (2048, 3, 32, 32)).astype(np.float32))
+    return model, data
+
+
+CALIBRATOR = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from trtkit.calibration import calibrate
+    from trtkit.fileio import raise_on_sigterm
+    from trtkit.trtcache import write_cache
+
+    raise_on_sigterm()  # as the trtkit CLI does
+    data = np.load(sys.argv[2], mmap_mode="r")
+
+    def batches():
+        for start in range(0, len(data), 64):
+            if start == 128:
+                print("calibrating", flush=True)  # statistics of two batches are in: now interrupt us
+            yield np.asarray(data[start:start + 64])
+
+    scales = calibrate(sys.argv[1], batches, method="entropy", tensors="all", progress=False, output=sys.argv[3])
+    write_cache(scales, sys.argv[4])
+    print("done", flush=True)
+""")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_during_calibration_keeps_previous_scales_and_cache(tmp_path, signum):
+    """A real calibration process interrupted mid-way: previous scales and cache byte-identical, no temp files."""
+    model, data = _calibration_job(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scales.json").write_text('{"previous": true}\n')
+    (out / "calib.cache").write_text("TRT-8601-EntropyCalibration2\nx: 3c010204\n")
+    before = snapshot(out)
+    proc = subprocess.Popen([sys.executable, "-c", CALIBRATOR, str(model), str(data), str(out / "scales.json"),
+                             str(out / "calib.cache")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line == "calibrating", proc.communicate()
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "done" not in stdout, "the signal arrived after calibration finished: make the job longer"
+    assert proc.returncode != 0 and "KeyboardInterrupt" in stderr
+    assert snapshot(out) == before
+    assert fileio.temp_files(out) == []
