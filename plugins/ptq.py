@@ -23,10 +23,14 @@ def _equalize(artifact: ModelArtifact, iterations: int = 20, max_scale: float = 
               layers: list[str] | None = None) -> ModelArtifact:
     """Cross-layer equalization of an FP32 model (run it before calibration and quantization)."""
     from trtkit.ptq import equalize
+    from trtkit.ui import console
 
     result, report = equalize(artifact, iterations=iterations, max_scale=max_scale, relu6=relu6, layers=layers)
     result.metadata.setdefault("ptq", {})["equalize"] = {
         **result.metadata.get("ptq", {}).get("equalize", {}), "report": report.as_dict()}
+    worst = max((p.range_ratio_before for p in report.pairs), default=1.0)
+    console.print(f"equalize: {len(report.pairs)} layer pairs in {report.iterations} sweeps (largest channel range "
+                  f"ratio {worst:.1f} before); {len(report.skipped)} chains stopped (see metadata ptq.equalize)")
     return result
 
 
@@ -34,9 +38,14 @@ def _bias_correct(artifact: ModelArtifact, reference: str = "", data: str = "", 
                   batch_size: int = 32, iterations: int = 1, verify: bool = True) -> ModelArtifact:
     """Empirical bias correction of a Q/DQ model against its FP32 reference on calibration data."""
     from trtkit.ptq import bias_correct
+    from trtkit.ui import console
 
-    result, _ = bias_correct(artifact, reference, data, limit=limit, batch_size=batch_size,
-                             iterations=iterations, verify=verify)
+    result, report = bias_correct(artifact, reference, data, limit=limit, batch_size=batch_size,
+                                  iterations=iterations, verify=verify)
+    before = sum(c.shift_before for c in report.layers)
+    after = "" if not verify else f" -> {sum(c.shift_after or 0.0 for c in report.layers):.4g}"
+    console.print(f"bias-correct: {len(report.layers)} layers on {report.samples} samples; summed mean |shift| "
+                  f"{before:.4g}{after}" + (f"; {report.skipped['*']}" if "*" in report.skipped else ""))
     return result
 
 
@@ -44,9 +53,15 @@ def _qdq_tune(artifact: ModelArtifact, align_concat: bool = True, align_pool: bo
               residual: bool = True, outputs: bool = True, verify: bool = True) -> ModelArtifact:
     """Remove redundant Q/DQ pairs and align scales across Concat / MaxPool for TensorRT."""
     from trtkit.ptq import qdq_tune
+    from trtkit.ui import console
 
-    result, _ = qdq_tune(artifact, align_concat=align_concat, align_pool=align_pool, residual=residual,
-                         outputs=outputs, verify=verify)
+    result, report = qdq_tune(artifact, align_concat=align_concat, align_pool=align_pool, residual=residual,
+                              outputs=outputs, verify=verify)
+    counts = ", ".join(f"{action} {n}" for action, n in report.counts().items()) or "nothing to change"
+    sqnr = f"; SQNR vs input {report.sqnr_db:.1f} dB" if report.sqnr_db is not None else ""
+    console.print(f"qdq-tune: {counts}{sqnr}")
+    for change in report.changes:
+        console.print(f"  {change['action']}: {change['where']}: {change['detail']}")
     return result
 
 
