@@ -52,7 +52,9 @@ def make_dsconv_edge(x_train: np.ndarray, y_train: np.ndarray, epochs: int = 4, 
 
     torch.manual_seed(seed)
     model = DepthwiseSeparable()
-    depthwise, norm, pointwise = model.features[3], model.features[4], model.features[6]
+    depthwise: Any = model.features[3]
+    norm: Any = model.features[4]
+    pointwise: Any = model.features[6]
     kernels = [torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]]),
                torch.tensor([[-1.0, -2, -1], [0, 0, 0], [1, 2, 1]]),
                torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]])]
