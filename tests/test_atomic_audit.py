@@ -82,8 +82,8 @@ def _unsafe_writes(path: Path) -> list[str]:
 KNOWN: dict[tuple[str, str], str] = {
     ("core/pipeline.py", "_link_or_copy"): (
         "publishing unlinks the target, then hard-links or (across filesystems) shutil.copy2()s into place: an "
-        "interrupt leaves the published artefact missing or half-copied; an external-data model is published "
-        "without its .data file"),
+        "interrupt leaves the published artefact missing or half-copied; an external-data model (> 1.8 GB) would be "
+        "published without its .data file"),
 }
 
 
