@@ -4,13 +4,13 @@ Graphs are drawn from conv / BatchNorm / activation / per-channel affine / resid
 reshape-and-transpose chains with random channel counts, kernel sizes, strides, padding, groups and spatial
 sizes, optionally with input preprocessing (x / s - m) in front and a Sigmoid at the end. Properties:
 
-- exact passes (simplify, optimize, fold-batchnorm): outputs match the original within 1e-3 x max|output|;
+- exact passes (simplify, optimize, fold-batchnorm, equalize): outputs match the original within 1e-3 x max|output|;
 - fuse-preprocess: the rewritten model gives the original's outputs on the same raw inputs (or declines with
   a TrtkitError when there is nothing it can fold exactly);
 - remove-sigmoid: sigmoid(new) == old on outputs it changed, the rest identical;
 - default passes -> calibrate -> quantize: the QDQ model loads and runs in onnxruntime (Q/DQ emulated in
   float and on the int8 kernels), outputs are finite with the right shapes, every Q/DQ obeys TensorRT's rules
-  (positive scales, zero points 0, int8);
+  (positive scales, zero points 0, int8); qdq-tune on that model keeps it valid and running;
 - no pass or stage crashes (any exception other than an expected TrtkitError fails the test).
 
 The number of examples is printed; raise it with TRTKIT_FUZZ_EXAMPLES=200 for a longer hunt.
@@ -229,7 +229,7 @@ def _apply(name: str, generated: Generated, **options):  # type: ignore[no-untyp
     return result
 
 
-@pytest.mark.parametrize("name", ["simplify", "optimize", "fold-batchnorm"])
+@pytest.mark.parametrize("name", ["simplify", "optimize", "fold-batchnorm", "equalize"])
 @FUZZ
 @given(generated=cnn_graphs())
 def test_exact_passes_keep_outputs(name, generated):
@@ -319,6 +319,12 @@ def test_default_passes_then_calibrate_quantize_always_runs(generated):
         got = _run(qdq, feeds, emulate_qdq=emulate)
         assert got.shape == reference.shape and np.all(np.isfinite(got))
     RAN["calibrate+quantize"] += 1
+    # qdq-tune (TensorRT placement alignment) on the QDQ model: still valid, still runs, same rules.
+    tuned = _apply("qdq-tune", Generated(qdq, generated.ops, generated.preprocess, generated.sigmoid_out))
+    _check_qdq_rules(tuned.model)
+    got = _run(tuned.model, feeds)
+    assert got.shape == reference.shape and np.all(np.isfinite(got))
+    RAN["qdq-tune"] += 1
     RAN["q/dq nodes"] += count
 
 
