@@ -145,3 +145,96 @@ def test_load_tensor_save_stream_with_small_peak_memory(big_model, tmp_path):
               f"{result['maxrss_mb']:.0f} MiB")
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
+
+
+# ---- the >2 GB model through the pipeline (slow: each stage reads 2 GiB; minutes on a busy 2-core machine) ----
+def run_cli_measured(*args: str, timeout: float = 1800, memory_limit: int | None = None,
+                     ) -> tuple[subprocess.CompletedProcess[str], float]:
+    """`trtkit ARGS` in a subprocess (the real entry point); returns the result and its peak RSS in MiB.
+
+    memory_limit: address-space cap in bytes (RLIMIT_AS), so a stage that blows up fails with MemoryError
+    instead of pushing a shared CI machine into the OOM killer.
+    """
+    import resource
+    import tempfile
+
+    def cap() -> None:
+        if memory_limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        code = textwrap.dedent(f"""
+            import atexit, resource, sys
+            atexit.register(lambda: open({rss.name!r}, "w").write(
+                str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+            sys.argv = ["trtkit", *sys.argv[1:]]
+            from trtkit.cli import main
+            main()
+        """)
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=cap)
+        text = Path(rss.name).read_text().strip()
+    return proc, (int(text) / 1024 if text else float("nan"))
+
+
+@pytest.fixture(scope="module")
+def big_calibration(big_model, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("big_calib")
+    data = folder / "calib.npy"
+    np.save(data, np.random.default_rng(0).uniform(-1, 1, (4, WIDTH)).astype(np.float32))
+    return {"folder": folder, "data": data}
+
+
+def _reference(x: np.ndarray, layers: int = LAYERS) -> np.ndarray:
+    """The big model's output computed in numpy, one regenerated weight at a time."""
+    h = x.astype(np.float64)
+    for index in range(layers):
+        h = h @ weight(index).astype(np.float64)
+        if index < layers - 1:
+            h = np.maximum(h, 0)
+    return h
+
+
+@pytest.mark.slow
+def test_big_model_calibrate_then_quantize(big_model, big_calibration):
+    """calibrate and quantize the 2 GiB model through the CLI: peak memory near the model size, not a multiple."""
+    folder, data = big_calibration["folder"], big_calibration["data"]
+    model_mb = big_model["bytes"] / 2**20
+    limit = 4 * big_model["bytes"] + (2 << 30)
+    calib, calib_rss = run_cli_measured("calibrate", str(big_model["path"]), "-d", str(data), "-m", "minmax",
+                                        "-o", str(folder / "scales.json"), "--cache", str(folder / "calib.cache"),
+                                        memory_limit=limit)
+    assert calib.returncode == 0, calib.stderr[-2000:]
+    quant, quant_rss = run_cli_measured("quantize", str(big_model["path"]), "-s", str(folder / "scales.json"),
+                                        "-o", str(folder / "int8.onnx"), memory_limit=limit)
+    assert quant.returncode == 0, quant.stderr[-2000:]
+    print(f"\n>2GB model {model_mb:.0f} MiB: calibrate peak RSS {calib_rss:.0f} MiB, quantize {quant_rss:.0f} MiB")
+    assert calib_rss < 1.6 * model_mb and quant_rss < 1.6 * model_mb
+    scales = json.loads((folder / "scales.json").read_text())
+    assert len(scales["tensors"]) >= LAYERS
+    # The QDQ model (int8 weights: a quarter of the size) runs, and is close to the FP32 computation.
+    from trtkit import runtime
+
+    x = np.load(data)[:2]
+    got = runtime.run(runtime.session(folder / "int8.onnx"), {"x": x})["y"]
+    reference = _reference(x)
+    sqnr = 10 * np.log10(np.sum(reference**2) / np.sum((got - reference) ** 2))
+    assert sqnr > 15, f"INT8 SQNR {sqnr:.1f} dB"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "optimize on a >2 GB external-data model: passes materialize every weight (core/graph.py materialized) "
+    "and the per-pass check calls runtime.session on the inline result, which serializes one protobuf > 2 GB "
+    "(EncodeError, exit 1); peak RSS 10-16 GiB for a 2 GiB model, with or without --no-check"))
+def test_big_model_optimize(big_model, tmp_path):
+    out = tmp_path / "opt" / "big.onnx"
+    # Capped: today this stage grows past 15 GiB before failing, enough to take a shared machine down.
+    result, rss = run_cli_measured("optimize", str(big_model["path"]), "-o", str(out),
+                                   memory_limit=4 * big_model["bytes"] + (2 << 30))
+    assert result.returncode == 0, result.stderr[-2000:]
+    from trtkit.model import ModelArtifact
+
+    optimized = ModelArtifact.load(out)
+    assert optimized.has_external_data() and optimized.weight_bytes() >= big_model["bytes"]
+    assert rss < 2.5 * big_model["bytes"] / 2**20, f"peak RSS {rss:.0f} MiB"
