@@ -8,7 +8,8 @@ Every configuration runs in its own subprocess (fresh interpreter, same calibrat
 batch), which reports its wall time (work only, imports excluded) and its peak RSS (VmHWM; ru_maxrss is inherited
 from the parent across fork + exec on Linux, so it would report the parent's peak):
 - fp32: plain onnxruntime inference over the calibration samples (the time reference);
-- trtkit-<method>: `trtkit.calibrate` (one pass, statistics) + `trtkit.quantize`;
+- trtkit-<method>: `trtkit.calibrate` (one pass, statistics) + `trtkit.quantize` (minmax, entropy,
+  percentile, and mse, which onnxruntime does not have);
 - ort-<method>: `quantize_static(QuantFormat.QDQ, per_channel=True, QInt8/QInt8, ActivationSymmetric,
   WeightSymmetric)` with onnxruntime's default calibrator options.
 Accuracy of each INT8 model against FP32 is measured on held-out samples with Q/DQ emulated in float (what
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     names = [n for n in args.models.split(",") if n]
     models = prepare(folder, names, not args.no_digits, args.samples, args.small, args.large)
     large_kinds = ("fp32", "trtkit-entropy", "ort-entropy") if args.large else ()
-    tools = [f"trtkit-{m}" for m in METHODS] + [f"ort-{m}" for m in METHODS]
+    tools = [f"trtkit-{m}" for m in (*METHODS, "mse")] + [f"ort-{m}" for m in METHODS]
     speed_rows, memory_rows, accuracy_table = [], [], []
     raw: dict[str, Any] = {}
     for name, info in models.items():
