@@ -14,7 +14,8 @@ from the parent across fork + exec on Linux, so it would report the parent's pea
   WeightSymmetric)` with onnxruntime's default calibrator options.
 Accuracy of each INT8 model against FP32 is measured on held-out samples with Q/DQ emulated in float (what
 TensorRT computes): top-1 agreement (classifiers), cosine, SQNR dB; for the detector also the SQNR of the
-score columns; for digits (real data and labels) also top-1 accuracy.
+score columns; for digits (real data and labels) also top-1 accuracy. Each INT8 model is also parsed and built
+with tensorrt_rtx on the CPU (dynamic batch 1..32).
 
 Results go to the `quantize` section of docs/benchmarks.md.
 """
@@ -145,6 +146,28 @@ def accuracy_rows(name: str, fp32: Path, candidate: Path, x: np.ndarray, labels:
     return row
 
 
+def tensorrt_rtx_builds(path: Path) -> str:
+    """'yes' when tensorrt_rtx parses the model and builds an engine on this CPU, else why not."""
+    try:
+        import tensorrt_rtx as trt
+    except ImportError:
+        return "n/a"
+    logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(path)):
+        error = str(parser.get_error(0)).splitlines()[0] if parser.num_errors else "?"
+        return "no: parser: " + error.split("(parseNode): ")[-1][:70]
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    tensor = network.get_input(0)
+    shape = tuple(tensor.shape)
+    profile.set_shape(tensor.name, *[tuple(n if d == -1 else d for d in shape) for n in (1, 8, 32)])
+    config.add_optimization_profile(profile)
+    return "yes" if builder.build_serialized_network(network, config) is not None else "no: build failed"
+
+
 def prepare(folder: Path, names: list[str], digits: bool, samples: int, small: int, large: int
             ) -> dict[str, dict[str, Any]]:
     from benchmarks.models import build_zoo, sample_inputs
@@ -237,11 +260,12 @@ def main(argv: list[str] | None = None) -> None:
                                     fmt(huge["rss_mb"] / big["rss_mb"], 2) if "rss_mb" in huge else "-"])
             row = accuracy_rows(name, info["path"], Path(folder / f"{name}_{kind}_{args.samples}.onnx"),
                                 info["eval"], info["labels"])
+            row["tensorrt_rtx"] = tensorrt_rtx_builds(folder / f"{name}_{kind}_{args.samples}.onnx")
             raw[name][f"accuracy:{kind}"] = row
             accuracy_table.append([name, kind, fmt(row["top1"]), fmt(row["cosine"], 4), fmt(row["sqnr"], 1),
                                    fmt(row.get("score_sqnr"), 1),
                                    fmt(row.get("accuracy")) + (f" (fp32 {row['fp32_accuracy']:.3f})"
-                                                               if "accuracy" in row else "")])
+                                                               if "accuracy" in row else ""), row["tensorrt_rtx"]])
         fp32_small = results[("fp32", args.small)]
         fp32_big, fp32_huge = results[("fp32", args.samples)], results.get(("fp32", args.large), {})
         memory_rows.append([name, "fp32 inference", fmt(fp32_small.get("rss_mb"), 0), fmt(fp32_big.get("rss_mb"), 0),
@@ -267,8 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         markdown_table(["model", "tool", f"N={args.small}", f"N={args.samples}", f"ratio {args.samples}/{args.small}",
                         f"N={args.large}", f"ratio {args.large}/{args.samples}"], memory_rows),
         "### Accuracy of the INT8 model against FP32 (Q/DQ emulated in float, as TensorRT computes)",
-        markdown_table(["model", "tool", "top-1 agreement", "cosine", "SQNR dB", "score SQNR dB", "accuracy"],
-                       accuracy_table),
+        markdown_table(["model", "tool", "top-1 agreement", "cosine", "SQNR dB", "score SQNR dB", "accuracy",
+                        "tensorrt_rtx parse + build"], accuracy_table),
     ])
     (folder / "results.json").write_text(json.dumps(raw, indent=2, sort_keys=True, default=str))
     print(body)
