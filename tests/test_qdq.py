@@ -320,3 +320,14 @@ def test_qdq_builder_plugin_matches_the_api(tmp_path):
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     with pytest.raises(OptionError, match="needs option 'scales'"):
         builder.resolve_options({})
+
+
+def test_old_opset_is_converted_for_per_axis_dequantize():
+    model = residual_model()
+    model.opset_import[0].version = 11
+    artifact, _ = _quantize(model)
+    assert [o.version for o in artifact.model.opset_import if o.domain in ("", "ai.onnx")] == [13]
+    x = random_batch(model, 2)
+    ref = session(model).run(None, {"x": x})[0]
+    got = session(artifact).run(None, {"x": x})[0]
+    assert _sqnr(ref, got) > 20
