@@ -174,6 +174,14 @@ class TensorStats:
         at[-1] = cumulative[-1] if upper >= self.absmax else at[-1]
         return np.diff(at), edges
 
+    def clipped_fraction(self, amax: float) -> float | None:
+        """Fraction of the histogrammed values with |x| beyond amax (bins wholly above it; None: no histogram)."""
+        total = int(self.hist.sum())
+        if total == 0 or self.range == 0.0:
+            return None
+        first = int(math.floor(amax * FINE_BINS / self.range)) + 1
+        return float(self.hist[first:].sum() / total) if first < FINE_BINS else 0.0
+
     def to_summary(self) -> dict[str, Any]:
         return {"min": self.min, "max": self.max, "count": self.count}
 
@@ -391,6 +399,10 @@ class Statistics:
             amax[name] = value
             sources[name] = "override"
         summary = {name: self.tensors[name].to_summary() for name in self.tensors}
+        for name, entry in summary.items():
+            clipped = self.tensors[name].clipped_fraction(amax[name]) if name in amax else None
+            if clipped is not None:
+                entry["clipped"] = clipped
         return Scales(
             amax, method=method, options=resolved, model=self.model, data=self.data, sources=sources, stats=summary
         )
@@ -677,6 +689,8 @@ class Scales(Mapping[str, float]):
             if name in self.stats:
                 entry["min"] = self.stats[name].get("min")
                 entry["max"] = self.stats[name].get("max")
+                if "clipped" in self.stats[name]:
+                    entry["clipped"] = self.stats[name]["clipped"]
             tensors[name] = entry
         return {
             "format": SCALES_FORMAT,
@@ -715,7 +729,7 @@ class Scales(Mapping[str, float]):
                 raise InputFileError(f"{path}: scales file without a 'tensors' mapping")
             amax = _parse_override_values(tensors, str(path))
             sources = {n: e.get("source", raw.get("method", "custom")) for n, e in tensors.items() if isinstance(e, dict)}
-            stats = {n: {"min": e["min"], "max": e["max"]} for n, e in tensors.items()
+            stats = {n: {k: e[k] for k in ("min", "max", "clipped") if k in e} for n, e in tensors.items()
                      if isinstance(e, dict) and "min" in e and "max" in e}
             return cls(amax, raw.get("method", "custom"), raw.get("options"), raw.get("model"), raw.get("data"),
                        sources, stats)

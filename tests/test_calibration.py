@@ -267,3 +267,15 @@ def test_histogram_subsampling_is_batching_invariant():
     assert sampled[0].hist.sum() < exact.hist.sum() / 7  # 4096 positions per sample -> stride 11
     assert (sampled[0].min, sampled[0].max, sampled[0].count) == (exact.min, exact.max, exact.count)
     assert amax_percentile(sampled[0], 99.9) == pytest.approx(amax_percentile(exact, 99.9), rel=0.1)
+
+
+def test_clipped_fraction_is_recorded():
+    x = np.concatenate([np.linspace(-1, 1, 9900), np.full(100, 10.0)]).astype(np.float32)
+    stats = _stats(x)
+    assert stats.clipped_fraction(10.0) == 0.0
+    assert stats.clipped_fraction(2.0) == pytest.approx(0.01)
+    assert stats.clipped_fraction(0.5) == pytest.approx(0.01 + 0.99 * 0.5, abs=0.002)
+    model = residual_model()
+    scales = calibrate(model, random_batch(model, 8), method="percentile", options={"percentile": 90.0},
+                       progress=False)
+    assert all(0.0 <= entry["clipped"] <= 0.11 for entry in scales.to_dict()["tensors"].values())

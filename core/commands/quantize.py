@@ -64,13 +64,21 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         table = Table(title=f"{method} calibration: {stats.num_samples} samples, {len(scales)} tensors")
-        for column in ("tensor", "min", "max", "amax", "scale", "source"):
+        for column in ("tensor", "min", "max", "amax", "scale", "clipped", "source"):
             table.add_column(column)
         for name, amax in scales.items():
             summary = scales.stats.get(name, {})
+            clipped = summary.get("clipped")
             table.add_row(name, f"{summary.get('min', float('nan')):.4g}", f"{summary.get('max', float('nan')):.4g}",
-                          f"{amax:.4g}", f"{amax / 127:.4g}", scales.sources.get(name, method))
+                          f"{amax:.4g}", f"{amax / 127:.4g}", "-" if clipped is None else f"{clipped:.2%}",
+                          scales.sources.get(name, method))
         console.print(table)
+        heavy = sorted(((s.get("clipped") or 0.0, n) for n, s in scales.stats.items()), reverse=True)
+        heavy = [(c, n) for c, n in heavy if c > 0.01]
+        if heavy:
+            console.print(f"[yellow]warning:[/yellow] {method} clips more than 1% of the values of {len(heavy)} "
+                          f"tensor(s) (most: {heavy[0][1]}, {heavy[0][0]:.1%}); if accuracy suffers, try "
+                          "--method percentile or mse, or pin them with --override")
         console.print(f"wrote {output}" + (f" and {cache}" if cache else ""))
 
     @app.command("quantize")
