@@ -422,6 +422,7 @@ def collect(
 ) -> Statistics:
     """Run the model over the data once (onnxruntime, FP32) and reduce every observed tensor's values.
 
+    threads: onnxruntime intra-op threads (default: all cores but one, which reduces the previous batch).
     histograms=False collects min/max only (all `minmax` needs; several times cheaper per element).
     per_item: histograms see at most about this many positions of each sample of each tensor (the same
     positions in every sample, so results still do not depend on batching); None (default) = every value.
@@ -441,6 +442,8 @@ def collect(
     names = tensors_to_observe(onnx_model, tensors)
     outputs = {o.name for o in onnx_model.graph.output}
     extra = [n for n in names if n not in outputs]
+    if threads is None:  # leave one core to the statistics of the previous batch (they run concurrently)
+        threads = max(1, (os.cpu_count() or 2) - 1)
     sess = session(artifact, threads=threads, extra_outputs=extra)
     available = {o.name for o in sess.get_outputs()} | {i.name for i in sess.get_inputs()}
     fetch = [n for n in names if n in available and n not in source.input_names]
