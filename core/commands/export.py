@@ -112,8 +112,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("optimize")
     def optimize_command(
-        model: Annotated[Path, typer.Argument(help="Input ONNX model (never modified).")],
-        output: Annotated[Path, typer.Option("--output", "-o", help="Optimized ONNX file to write.")],
+        model: Annotated[Path | None, typer.Argument(help="Input ONNX model (never modified).",
+                                                     show_default=False)] = None,
+        output: Annotated[Path | None, typer.Option("--output", "-o", help="Optimized ONNX file to write.",
+                                                    show_default=False)] = None,
         passes: Annotated[list[str] | None, typer.Option("--pass", "-p", help="Pass to run, in order "
                                                          "(repeatable; default: simplify, optimize).")] = None,
         option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Pass option KEY=VALUE or "
@@ -143,6 +145,8 @@ def register(app: typer.Typer) -> None:
         if list_passes:
             _list_passes(as_json)
             return
+        if model is None or output is None:
+            raise OptionError("optimize needs MODEL and -o OUTPUT (or --list to see the passes)")
         if no_check and (rtol is not None or atol is not None or ranges):
             raise OptionError("--no-check contradicts --rtol/--atol/--range (they only set the check)")
         selected: list[Any] = list(passes) if passes else list(DEFAULT_PASSES)
