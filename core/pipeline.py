@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import TrtkitError
+from .errors import OptionError, TrtkitError, close_matches
 from .recipe import Recipe, Step, StepResult, _source_files
 
 DEFAULT_BUILDERS = [{"name": "onnxruntime"}]
@@ -20,9 +20,46 @@ GATE_OPTIONS = {"max_accuracy_drop": "max_top1_drop", "min_top1_agreement": "min
                 "min_sqnr_db": "min_sqnr"}
 
 
+def check_components(recipe: Recipe) -> None:
+    """Every plugin name and its options, checked before any work starts; errors name the recipe."""
+    try:
+        _check_components(recipe)
+    except OptionError as exc:
+        message = str(exc)
+        raise OptionError(message if message.startswith(str(recipe.path)) else f"{recipe.path}: {message}") from None
+
+
+def _check_components(recipe: Recipe) -> None:
+    from .optimizing import parse_pass_specs
+    from .registry import get_registry
+
+    registry = get_registry()
+    model = recipe.section("model")
+    if "source" in model:
+        registry.exporter(model.get("exporter", "torch"))
+    passes = recipe.section("passes")
+    if passes:
+        parse_pass_specs([(item["name"], item.get("options", {})) for item in passes])
+    calibration = recipe.section("calibration")
+    if calibration:
+        method = calibration.get("method", "entropy")
+        registry.calibrator(method).resolve_options(calibration.get("options", {}),
+                                                    where=f"{recipe.path} [calibration] method '{method}'")
+    for item in recipe.section("builders"):
+        registry.builder(item["name"]).resolve_options(item.get("options", {}),
+                                                       where=f"{recipe.path} [[builders]] '{item['name']}'")
+    for item in recipe.section("evaluators"):
+        evaluator = registry.evaluator(item["name"])
+        for key in item.get("options", {}):  # values are checked when it runs (tolerances take several forms)
+            if key not in evaluator.options:
+                raise OptionError(f"{recipe.path} [[evaluators]] '{item['name']}': no option '{key}'"
+                                  f"{close_matches(key, evaluator.options)}")
+
+
 def steps_for(recipe: Recipe) -> list[Step]:
     from .optimizing import DEFAULT_PASSES
 
+    check_components(recipe)
     steps: list[Step] = []
     model = recipe.section("model")
     if "onnx" in model:

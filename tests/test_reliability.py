@@ -58,9 +58,6 @@ def test_calibrate_rejects_preprocess_options_it_cannot_use(tmp_path):
     assert not (tmp_path / "s.json").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core/commands/export.py optimize: `trtkit optimize --list` ('List the available passes and options') "
-    "fails with \"Missing argument 'model'\" (exit 2): the MODEL argument is required even for --list"))
 def test_optimize_list_needs_no_model():
     result = run_cli("optimize", "--list")
     assert result.returncode == 0, result.stderr

@@ -95,9 +95,6 @@ def test_recipe_values_are_data_not_code(tmp_path, digits_onnx, key, value, expe
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core/recipe.py: component names (calibrator, passes, builders, evaluators) are not checked before work "
-    "starts: a misspelt [calibration] method fails only after the model and optimize steps ran"))
 def test_recipe_names_are_checked_before_any_work(tmp_path, digits_onnx):
     np.save(tmp_path / "calib.npy", np.zeros((4, 1, 8, 8), np.float32))
     recipe = tmp_path / "r.toml"
