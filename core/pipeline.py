@@ -363,6 +363,15 @@ def report_context(recipe: Recipe, results: dict[str, StepResult], out: Path) ->
              "detail": f"{p['total_before']} -> {p['total_after']} nodes, max |diff| {p['max_abs_diff']}"}
             for p in report["passes"]
         ]
+    if "quantize" in results:
+        from .evaluation import activation_histograms
+
+        calibration = recipe.section("calibration")
+        context["histograms"] = activation_histograms(
+            str(results["optimize"].path("model")), str(results["quantize"].path("model")),
+            str(recipe.resolve(calibration.get("data"))), num_samples=256)
+        for entry in context["histograms"].values():
+            entry["method"] = calibration.get("method", "entropy")
     if "calibrate" in results:
         scales = json.loads(results["calibrate"].path("scales").read_text())
         tensors = scales.get("tensors", {})
