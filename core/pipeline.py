@@ -285,7 +285,9 @@ def _headline(data: dict[str, Any]) -> str:
             parts.append(f"{output} SQNR {sqnr_text} dB, cosine {metrics.get('cosine', float('nan')):.5f}")
     for check in data.get("checks") or []:
         verdict = "ok" if check.get("passed") else "FAILED"
-        parts.append(f"{check.get('metric')} {check.get('value')} {check.get('op', '')} {check.get('limit')} {verdict}")
+        value = check.get("value")
+        value_text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        parts.append(f"{check.get('metric')} {value_text} {check.get('op', '')} {check.get('limit')} {verdict}")
     return "; ".join(parts) or "no checks"
 
 
