@@ -731,7 +731,8 @@ class Scales(Mapping[str, float]):
             if not isinstance(tensors, dict):
                 raise InputFileError(f"{path}: scales file without a 'tensors' mapping")
             amax = _parse_override_values(tensors, str(path))
-            sources = {n: e.get("source", raw.get("method", "custom")) for n, e in tensors.items() if isinstance(e, dict)}
+            sources = {str(n): str(e.get("source", raw.get("method", "custom"))) for n, e in tensors.items()
+                       if isinstance(e, dict)}
             stats = {n: {k: e[k] for k in ("min", "max", "clipped") if k in e} for n, e in tensors.items()
                      if isinstance(e, dict) and "min" in e and "max" in e}
             return cls(amax, raw.get("method", "custom"), raw.get("options"), raw.get("model"), raw.get("data"),

@@ -471,7 +471,8 @@ def _image_folder(folder: Path, specs: list[TensorSpec], batch_size: int, limit:
     layout = prep.layout or ("nhwc" if spec.shape[3] in (1, 3, 4) and spec.shape[1] not in (1, 3, 4) else "nchw")
     h_axis, w_axis, c_axis = (2, 3, 1) if layout == "nchw" else (1, 2, 3)
     size = _final_size(prep, spec.shape[h_axis], spec.shape[w_axis], folder)
-    channels = spec.shape[c_axis] if isinstance(spec.shape[c_axis], int) else (1 if prep.channels == "gray" else 3)
+    declared = spec.shape[c_axis]
+    channels = declared if isinstance(declared, int) else (1 if prep.channels == "gray" else 3)
     if prep.channels == "gray" and channels != 1:
         raise DataError(f"{folder}: preprocessing channels=gray gives 1 channel, input '{spec.name}' expects {channels}")
     for name, values in (("mean", prep.mean), ("std", prep.std)):
@@ -514,11 +515,11 @@ def _load_image(path: Path, prep: Preprocess, size: tuple[int, int], channels: i
             if isinstance(prep.resize, int):
                 w, h = image.size
                 ratio = prep.resize / min(w, h)
-                image = image.resize((max(1, round(w * ratio)), max(1, round(h * ratio))), Image.BILINEAR)
+                image = image.resize((max(1, round(w * ratio)), max(1, round(h * ratio))), Image.Resampling.BILINEAR)
             elif isinstance(prep.resize, tuple):
-                image = image.resize((prep.resize[1], prep.resize[0]), Image.BILINEAR)
+                image = image.resize((prep.resize[1], prep.resize[0]), Image.Resampling.BILINEAR)
             elif prep.crop is None:
-                image = image.resize((size[1], size[0]), Image.BILINEAR)
+                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.float32)
     except OSError as exc:
         raise InputFileError(f"{path}: not a readable image ({exc})") from None
@@ -558,7 +559,7 @@ class DataFingerprint:
         for name in self.names:
             array = np.ascontiguousarray(feeds[name])
             self._layout.setdefault(name, f"{array.dtype.str}{array.shape[1:]}")
-            self._hashes[name].update(memoryview(array).cast("B"))
+            self._hashes[name].update(array.tobytes() if not array.flags.c_contiguous else array.data.cast("B"))
         self.num_samples += _batch_len(feeds)
 
     def hexdigest(self) -> str:

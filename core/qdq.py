@@ -467,9 +467,11 @@ def quantize(
         z_name, out = names.new(f"{base}_zero_point"), names.new(f"{base}_dequantized")
         new_inits += [numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name),
                       numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), z_name)]
-        attrs = {"axis": axis} if axis is not None else {}
-        weight_nodes[key] = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
-                                             name=names.new(f"{base}_DequantizeLinear"), **attrs)
+        node = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
+                                name=names.new(f"{base}_DequantizeLinear"))
+        if axis is not None:
+            node.attribute.append(helper.make_attribute("axis", axis))
+        weight_nodes[key] = node
         weight_out[key] = out
         weight_info[wname] = {"axis": axis, "channels": int(scale.size)}
 
