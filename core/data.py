@@ -71,8 +71,8 @@ class Preprocess:
             if key not in known:
                 raise OptionError(f"unknown preprocessing option '{key}'{close_matches(key, known)}")
         kwargs: dict[str, Any] = {}
-        try:
-            for key, value in options.items():
+        for key, value in options.items():
+            try:
                 if key in ("resize", "crop"):
                     kwargs[key] = _size(value)
                 elif key == "scale":
@@ -81,8 +81,8 @@ class Preprocess:
                     kwargs[key] = tuple(_number(v) for v in (value.split(",") if isinstance(value, str) else value))
                 else:
                     kwargs[key] = None if value is None else str(value).lower()
-        except (TypeError, ValueError) as exc:
-            raise OptionError(f"preprocessing option: {exc}") from None
+            except (TypeError, ValueError, ZeroDivisionError):
+                raise OptionError(f"preprocessing option '{key}': invalid value {value!r}") from None
         result = cls(**kwargs)
         if result.channels not in ("rgb", "bgr", "gray"):
             raise OptionError(f"preprocessing option 'channels' must be rgb, bgr or gray, got {result.channels!r}")
@@ -291,6 +291,10 @@ def load_data(
     specs = _model_inputs(model)
     if not specs:
         raise DataError("the model has no inputs to feed")
+    if preprocess and not (isinstance(spec, (str, os.PathLike)) and Path(spec).is_dir()):
+        if not isinstance(preprocess, Preprocess):
+            Preprocess.from_options(preprocess)  # a bad value is reported as such first
+        raise OptionError("preprocessing options apply to image folders only; this data is not a folder")
     fixed = _fixed_batch(specs)
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)

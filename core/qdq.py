@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import OptionError, unknown_name
+from .errors import OptionError, UnknownNameError, unknown_name
 
 if TYPE_CHECKING:
     import onnx
@@ -370,7 +370,8 @@ def quantize(
 
     reduce_range: 7-bit weights ([-63, 63]) for onnxruntime's int8 kernels on CPUs without VNNI; TensorRT
     wants the default full range ([-127, 127]).
-    strict_names: unknown `exclude` node names / op types are errors (with close matches).
+    strict_names: unknown `exclude` node names / op types and scales naming tensors the model lacks are errors
+    (with close matches); False ignores them (e.g. scales of a larger model).
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -410,6 +411,11 @@ def quantize(
         example = next(iter(scale_map))
         raise OptionError(f"none of the {len(scale_map)} tensors in the scales exist in this model "
                           f"(e.g. '{example}'): were they calibrated on another model?")
+    if strict_names:
+        where = str(scales) if isinstance(scales, (str, os.PathLike)) else "scales"
+        for name in scale_map:
+            if name not in known:
+                raise UnknownNameError(f"{where}: {unknown_name('tensor', name, known)}")
     calibrated_on = getattr(scale_map, "model", {}).get("sha256")
     fingerprint_match = None if not calibrated_on else calibrated_on == model_fingerprint(source.model)
     if fingerprint_match is False:

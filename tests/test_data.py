@@ -182,3 +182,10 @@ def test_cli_data_errors_are_one_line(tmp_path, model):
     assert result.stderr.startswith("error: ") and "[N, 3, 8, 8]" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "s.json").exists()
+
+
+def test_preprocessing_options_need_an_image_folder(model):
+    with pytest.raises(OptionError, match="preprocessing option 'resize': invalid value 'abc'"):
+        load_data(np.zeros((2, 3, 8, 8), np.float32), model, preprocess={"resize": "abc"})
+    with pytest.raises(OptionError, match="image folders only"):
+        load_data(np.zeros((2, 3, 8, 8), np.float32), model, preprocess={"resize": "8"})

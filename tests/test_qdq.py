@@ -331,3 +331,11 @@ def test_old_opset_is_converted_for_per_axis_dequantize():
     ref = session(model).run(None, {"x": x})[0]
     got = session(artifact).run(None, {"x": x})[0]
     assert _sqnr(ref, got) > 20
+
+
+def test_scales_naming_missing_tensors_are_an_error(tmp_path):
+    model = residual_model()
+    (tmp_path / "s.json").write_text('{"x": 1.0, "relu0_ot": 2.0}')
+    with pytest.raises(UnknownNameError, match=r"s.json: unknown tensor 'relu0_ot'.*did you mean: relu0_out"):
+        quantize(model, tmp_path / "s.json")
+    assert quantize(model, tmp_path / "s.json", strict_names=False).metadata["quantization"]["activation_amax"]
