@@ -92,11 +92,8 @@ CASES: dict[str, Case] = {
                                  "-o", "{O}/s.json"), ("over_bad.yaml",)),
     "scales-file-non-positive": Case(("quantize", D, "-s", "{M}/over_neg.json", "-o", "{O}/q.onnx"),
                                      ("over_neg.json", "image")),
-    "scales-file-missing-tensor": Case(
-        ("quantize", D, "-s", "{M}/over_missing.json", "-o", "{O}/q.onnx"), ("over_missing.json", "no_such_tensor"),
-        xfail="quantize --scales accepts a custom-scale file naming a tensor the model lacks: it exits 0 and "
-              "writes a model (core/qdq.py quantize -> calibration.as_scales(scales) is not given the model's "
-              "tensor names; calibrate --override does check them)"),
+    "scales-file-missing-tensor": Case(("quantize", D, "-s", "{M}/over_missing.json", "-o", "{O}/q.onnx"),
+                                       ("over_missing.json", "no_such_tensor")),
     # ---- calibration caches -----------------------------------------------------------------------------------
     "cache-bad-header": Case(("quantize", D, "-s", "{M}/badheader.cache", "-o", "{O}/q.onnx"),
                              ("badheader.cache", "header"), existing=("q.onnx",)),
@@ -112,6 +109,12 @@ CASES: dict[str, Case] = {
                                    ("nosidecar.engine", "sidecar")),
     "engine-tampered": Case(("eval", "speed", "{M}/tampered.engine", "-o", "{O}/r.json"),
                             ("tampered.engine", "does not match its sidecar")),
+    # ---- other stages --------------------------------------------------------------------------------------
+    "jetson-log-garbage": Case(("jetson", "parse", "{M}/tegra.log"), ("tegra.log", "tegrastats")),
+    "unknown-builder-option": Case(("build", D, "-b", "onnxruntime", "-O", "nosuch=1", "-o", "{O}/b.onnx"),
+                                   ("nosuch", "onnxruntime")),
+    "evaluator-option-invalid": Case(("eval", "speed", D, "-O", "duration_s=-1", "-o", "{O}/r.json"),
+                                     ("duration_s",)),
     # ---- safety -----------------------------------------------------------------------------------------------
     "checkpoint-with-code": Case(("export", "{M}/factory.py:make", "--checkpoint", "{M}/evil.pt", "-i", "x:1x4",
                                   "-o", "{O}/e.onnx"), ("evil.pt",)),
@@ -176,6 +179,7 @@ def _make_inputs(folder: Path, digits: Path, x: np.ndarray) -> None:
     np.save(folder / "inf.npy", bad)
     np.save(folder / "pickle.npy", np.array([Evil(str(folder.parent / "PWNED-npy"))], dtype=object), allow_pickle=True)
 
+    (folder / "tegra.log").write_text("this is not\na tegrastats log\n")
     (folder / "over_missing.json").write_text(json.dumps({"image": 16.0, "no_such_tensor": 2.0}))
     (folder / "over_neg.json").write_text(json.dumps({"image": -1.0}))
     (folder / "over_zero.yaml").write_text("image: 0\n")
