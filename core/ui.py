@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rich.console import Console
 
@@ -27,11 +27,22 @@ def track(items: Iterable[T], total: int | None = None, description: str = "work
         TimeRemainingColumn,
     )
 
+    class RateColumn(TextColumn):
+        """Items per second; blank until rich has measured a rate (task.speed is None at first)."""
+
+        def __init__(self) -> None:
+            super().__init__("")
+
+        def render(self, task: Any) -> Any:
+            from rich.text import Text
+
+            return Text(f"{task.speed:>7.1f}/s" if task.speed else "")
+
     columns = (
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.speed:>7.1f}/s" if total else ""),
+        RateColumn(),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=True) as progress:
