@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
 
 onnx = pytest.importorskip("onnx")
 
@@ -64,7 +63,20 @@ def test_model_save_is_byte_identical_across_processes(digits_onnx, tmp_path):
     assert digest(again / "ext.onnx.data") == runs[0]["ext.onnx.data"]
 
 
-def _cli_pipeline(folder: Path, model: Path, data: Path, env: dict[str, str]) -> dict[str, str]:
+def _run_pinned(args: tuple[str, ...], env: dict[str, str], cpus: set[int] | None) -> subprocess.CompletedProcess[str]:
+    """`trtkit ARGS` in a subprocess, optionally pinned to `cpus` (onnxruntime sizes its pools by affinity)."""
+    import os
+
+    def pin() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    return subprocess.run([sys.executable, "-m", "trtkit.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300, preexec_fn=pin)
+
+
+def _cli_pipeline(folder: Path, model: Path, data: Path, env: dict[str, str],
+                  cpus: set[int] | None = None) -> dict[str, str]:
     """optimize -> calibrate (scales + TensorRT cache) -> quantize through the CLI; hashes of every artefact."""
     folder.mkdir(parents=True)
     steps = [
@@ -74,7 +86,7 @@ def _cli_pipeline(folder: Path, model: Path, data: Path, env: dict[str, str]) ->
         ("quantize", str(folder / "opt.onnx"), "-s", str(folder / "scales.json"), "-o", str(folder / "int8.onnx")),
     ]
     for args in steps:
-        result = run_cli(*args, env=env, timeout=300)
+        result = _run_pinned(args, env, cpus)
         assert result.returncode == 0, f"{args[0]}: {result.stderr[-2000:]}"
     return {p.name: digest(p) for p in sorted(folder.iterdir())}
 
@@ -84,9 +96,14 @@ def test_cli_pipeline_is_byte_identical_across_runs_and_threads(digits_onnx, dig
     np.save(data, digits_data[0][:128])
     model = tmp_path / "digits.onnx"
     shutil.copy(digits_onnx, model)
+    import os
+
     envs = [{"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}, {"PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "2"}]
+    # One run pinned to a single CPU (onnxruntime then uses one intra-op thread), the other on all CPUs.
+    cpus = [{min(os.sched_getaffinity(0))} if hasattr(os, "sched_setaffinity") else None, None]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first, second = pool.map(lambda i: _cli_pipeline(tmp_path / f"run{i}", model, data, envs[i]), range(2))
+        first, second = pool.map(lambda i: _cli_pipeline(tmp_path / f"run{i}", model, data, envs[i], cpus[i]),
+                                 range(2))
     assert set(first) == {"opt.onnx", "scales.json", "calib.cache", "int8.onnx"}
     assert first == second
 
