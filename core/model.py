@@ -87,6 +87,7 @@ class ModelArtifact:
             raise InputFileError(f"{path}: not an ONNX model (no graph found)")
         _check_versions(model, path)
         _check_external_data(model, path)
+        _check_inline_sizes(model, path)
         metadata: dict[str, Any] = {}
         for prop in model.metadata_props:
             if prop.key == METADATA_KEY:
@@ -124,13 +125,15 @@ class ModelArtifact:
         base = str(self.base_dir) if self.base_dir is not None else ""
         try:
             return numpy_helper.to_array(proto, base_dir=base)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError, KeyError) as exc:
             from onnx.external_data_helper import uses_external_data
 
-            if not uses_external_data(proto):
-                raise
-            where = Path(base or ".") / _external_info(proto).get("location", "?")
-            raise InputFileError(f"{where}: cannot read tensor '{proto.name}' ({exc})") from None
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if uses_external_data(proto):
+                where = Path(base or ".") / _external_info(proto).get("location", "?")
+            else:
+                where = self.source or Path("model")
+            raise InputFileError(f"{where}: cannot read tensor '{proto.name}' ({detail})") from None
 
     def has_external_data(self) -> bool:
         from onnx.external_data_helper import uses_external_data
@@ -321,6 +324,8 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
             continue
         info = _external_info(tensor)
         location = info.get("location", "")
+        if not isinstance(location, str) or any(c in location for c in "\0\n\r"):
+            raise InputFileError(f"{path}: tensor {tensor.name!r} has an invalid external data location {location!r}")
         file = (base / location).resolve()
         if not location or Path(location).is_absolute() or not file.is_relative_to(base):
             raise InputFileError(
@@ -328,7 +333,7 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
             )
         if file not in sizes:
             if not file.is_file():
-                raise InputFileError(f"{path}: external data file {location} of tensor '{tensor.name}' is missing")
+                raise InputFileError(f"{path}: external data file {location!r} of tensor '{tensor.name}' is missing")
             sizes[file] = file.stat().st_size
         try:
             offset = int(info.get("offset", 0))
@@ -340,6 +345,31 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
                 f"{base / location}: truncated external data (tensor '{tensor.name}' needs bytes "
                 f"{offset}..{offset + length}, the file has {sizes[file]})"
             )
+
+
+def _check_inline_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Inline tensors whose byte count does not match their shape (a damaged file) fail here, not in a pass."""
+    import numpy as np
+    from onnx import helper
+    from onnx.external_data_helper import uses_external_data
+
+    for tensor in _all_tensors(model):
+        if not isinstance(tensor.name, str):  # protobuf hands back bytes for a name that is not UTF-8
+            raise InputFileError(f"{path}: corrupt tensor name {tensor.name!r}")
+        if uses_external_data(tensor) or tensor.data_type == _string_type():
+            continue
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            if itemsize == 1 and "4" in helper.tensor_dtype_to_string(tensor.data_type):
+                continue  # packed 4-bit types: two values per byte
+        except Exception:
+            raise InputFileError(f"{path}: tensor '{tensor.name}' has an unknown data type {tensor.data_type}") from None
+        if any(d < 0 for d in tensor.dims):
+            raise InputFileError(f"{path}: tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
+        count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+        if tensor.raw_data and len(tensor.raw_data) != count * itemsize:
+            raise InputFileError(f"{path}: tensor '{tensor.name}' is corrupt ({len(tensor.raw_data)} bytes for shape "
+                                 f"{list(tensor.dims)})")
 
 
 def _copy_bytes(src: Any, dst: Any, length: int, chunk: int = 64 << 20) -> None:
