@@ -117,18 +117,7 @@ def session(
 
     from .model import ModelArtifact
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
-    if emulate_qdq:
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options = session_options(emulate_qdq=emulate_qdq, threads=threads, optimization=optimization)
     providers = providers or ["CPUExecutionProvider"]
 
     if isinstance(model, (str, os.PathLike)) and not extra_outputs:
@@ -147,6 +136,27 @@ def session(
             path = artifact.save(Path(folder) / "model.onnx")
             return _make_session(ort, str(path), options, providers, artifact.source)
     return _make_session(ort, artifact.model.SerializeToString(), options, providers, artifact.source)
+
+
+def session_options(emulate_qdq: bool = True, threads: int | None = None,
+                    optimization: str = "all") -> onnxruntime.SessionOptions:
+    """onnxruntime SessionOptions: optimization level ("disable", "basic", "extended", "all"), intra-op
+    threads (None: onnxruntime's default), and Q/DQ emulated in float unless `emulate_qdq=False`."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    if emulate_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return options
 
 
 def _make_session(ort: Any, model: Any, options: Any, providers: list[str], label: Any) -> Any:

@@ -109,7 +109,7 @@ def build(model: str | os.PathLike[str], output: str | os.PathLike[str], *, opti
     from trtkit.errors import BuildError, InputFileError, OptionError
     from trtkit.fileio import check_output_path, sha256_file
     from trtkit.model import ModelArtifact
-    from trtkit.runtime import session
+    from trtkit.runtime import session, session_options
 
     source = Path(model)
     artifact = ModelArtifact.load(source)
@@ -162,17 +162,9 @@ def build(model: str | os.PathLike[str], output: str | os.PathLike[str], *, opti
         staged = Path(folder) / "input.onnx"
         artifact.save(staged)
         optimized = Path(folder) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[optimization]
+        # The builder's model runs on onnxruntime's own kernels (int8 included), so Q/DQ is not emulated.
+        options = session_options(emulate_qdq=False, threads=threads or None, optimization=optimization)
         options.optimized_model_filepath = str(optimized)
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         if artifact.has_external_data():
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                              "optimized.onnx.data")
