@@ -389,6 +389,16 @@ def simplify(artifact: ModelArtifact, fold: bool = True, input_shapes: dict[str,
 
 
 # ---- optimize ----------------------------------------------------------------------------------------------
+
+def _set_weight_and_bias(graph: Any, layer: Any, weight: Any, bias: Any, tag: str) -> None:
+    """Give a Conv/ConvTranspose/Gemm new weight and bias constants (fresh names: others may share the old)."""
+    layer.inputs[1] = _new_const(_unique(graph, f"{layer.inputs[1].name}_{tag}"), weight)
+    bias_const = _new_const(_unique(graph, f"{layer.name or 'layer'}_bias_{tag}"), bias)
+    if len(layer.inputs) > 2:
+        layer.inputs[2] = bias_const
+    else:
+        layer.inputs.append(bias_const)
+
 def _fold_batchnorm(graph: Any) -> int:
     """Conv/ConvTranspose/Gemm followed by BatchNormalization (inference) -> one layer with scaled weights."""
     import numpy as np
@@ -439,13 +449,7 @@ def _fold_batchnorm(graph: Any) -> int:
             layer.attrs["beta"] = 1.0
         b = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (channels,))
         new_bias = (b - mean) * scale + beta
-        dtype = weight.dtype
-        layer.inputs[1] = _new_const(_unique(graph, layer.inputs[1].name + "_bnfold"), w.astype(dtype))
-        bias_const = _new_const(_unique(graph, (layer.name or "layer") + "_bias_bnfold"), new_bias.astype(dtype))
-        if len(layer.inputs) > 2:
-            layer.inputs[2] = bias_const
-        else:
-            layer.inputs.append(bias_const)
+        _set_weight_and_bias(graph, layer, w.astype(weight.dtype), new_bias.astype(weight.dtype), "bnfold")
         if bypass(bn, graph, keep=x):
             folded += 1
     return folded
@@ -501,13 +505,7 @@ def _fold_affine_into_conv(graph: Any) -> int:
                 if x is not first:
                     continue
                 b = b - vector
-            dtype = weight.dtype
-            conv.inputs[1] = _new_const(_unique(graph, conv.inputs[1].name + "_affine"), w.astype(dtype))
-            bias_const = _new_const(_unique(graph, (conv.name or "conv") + "_bias_affine"), b.astype(dtype))
-            if len(conv.inputs) > 2:
-                conv.inputs[2] = bias_const
-            else:
-                conv.inputs.append(bias_const)
+            _set_weight_and_bias(graph, conv, w.astype(weight.dtype), b.astype(weight.dtype), "affine")
             if bypass(node, graph, keep=x):
                 folded += 1
                 changed = True
