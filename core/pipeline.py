@@ -292,11 +292,15 @@ def _headline(data: dict[str, Any]) -> str:
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
-    target.unlink(missing_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+    """Publish `source` at `target` atomically: hard-linked (or copied) under a temporary name, then renamed."""
+    from .fileio import atomic_path
+
+    with atomic_path(target) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copy2(source, tmp)
 
 
 def publish(recipe: Recipe, results: dict[str, StepResult], gates: list[tuple[str, bool, str]],

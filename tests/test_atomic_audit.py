@@ -80,10 +80,8 @@ def _unsafe_writes(path: Path) -> list[str]:
 # Findings in other stages' files, not fixed yet: (file, function) -> the fault. Listed so the audit keeps
 # guarding everything else; test_known_findings_are_fixed turns XPASS (and fails) once they are gone.
 KNOWN: dict[tuple[str, str], str] = {
-    ("core/pipeline.py", "_link_or_copy"): (
-        "publishing unlinks the target, then hard-links or (across filesystems) shutil.copy2()s into place: an "
-        "interrupt leaves the published artefact missing or half-copied; an external-data model (> 1.8 GB) would be "
-        "published without its .data file"),
+    # Fixed: core/pipeline.py _link_or_copy (recipe publishing unlinked the target, then linked or copied in
+    # place) now links/copies under a temporary name and renames.
 }
 
 
@@ -101,7 +99,8 @@ def test_every_write_is_atomic():
     assert not problems, "direct (non-atomic) writes:\n" + "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason="; ".join(f"{f} {fn}(): {why}" for (f, fn), why in KNOWN.items()))
+@pytest.mark.xfail(bool(KNOWN), strict=True,
+                   reason="; ".join(f"{f} {fn}(): {why}" for (f, fn), why in KNOWN.items()))
 def test_known_findings_are_fixed():
     assert not [problem for problem in _problems() if _is_known(problem)]
 
