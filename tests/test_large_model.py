@@ -1,7 +1,7 @@
 """Models over the 2 GB protobuf limit: built tensor by tensor with external data, streamed by ModelArtifact.
 
 The model is never held in one protobuf, neither when it is generated (each weight goes straight to the data
-file) nor when trtkit loads, reads and saves it. Peak memory is measured in a fresh subprocess (ru_maxrss),
+file) nor when trtkit loads, reads and saves it. Peak memory is measured in a fresh subprocess (its own VmHWM),
 so the numbers are the artefact code's own, not the test session's.
 """
 
@@ -85,11 +85,26 @@ def big_model(tmp_path_factory) -> Iterator[dict]:
     shutil.rmtree(folder, ignore_errors=True)  # do not keep gigabytes in pytest's retained tmp folders
 
 
+# Peak RSS of this process alone. Not ru_maxrss: Linux keeps it across fork + exec, so a child started from a
+# big pytest process (torch, trained models) would report the parent's peak. VmHWM is reset by exec.
+PEAK_MB = textwrap.dedent("""
+    def _peak_mb():
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+""")
+
+
 def run_measured(script: str, *args: str, timeout: float = 600) -> dict:
-    """Run `script` in a fresh interpreter; it prints one JSON line. ru_maxrss (KiB) of that child is added."""
-    code = textwrap.dedent(script) + textwrap.dedent("""
-        import resource as _r
-        RESULT["maxrss_mb"] = _r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 1024
+    """Run `script` in a fresh interpreter; it prints one JSON line, with the child's own peak RSS added."""
+    code = textwrap.dedent(script) + PEAK_MB + textwrap.dedent("""
+        RESULT["maxrss_mb"] = _peak_mb()
         print(json.dumps(RESULT))
     """)
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
@@ -165,10 +180,9 @@ def run_cli_measured(*args: str, timeout: float = 1800, memory_limit: int | None
             resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
 
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
-        code = textwrap.dedent(f"""
+        code = PEAK_MB + textwrap.dedent(f"""
             import atexit, resource, sys
-            atexit.register(lambda: open({rss.name!r}, "w").write(
-                str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+            atexit.register(lambda: open({rss.name!r}, "w").write(str(_peak_mb() * 1024)))
             sys.argv = ["trtkit", *sys.argv[1:]]
             from trtkit.cli import main
             main()
