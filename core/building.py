@@ -63,6 +63,8 @@ def build(model: str | os.PathLike[str] | ModelArtifact, output: str | os.PathLi
     path = Path(model)
     if not path.is_file():
         raise InputFileError(f"{path}: no such file")
+    if path.suffix == ".onnx":
+        ModelArtifact.load(path)  # one-line errors for damaged files or opsets this install cannot handle
     out = Path(output) if output is not None else default_output(path, builder)
     return Path(component.build(path, out, **resolved))
 

@@ -291,6 +291,17 @@ def _headline(data: dict[str, Any]) -> str:
     return "; ".join(parts) or "no checks"
 
 
+def _publish_model(source: Path, target: Path) -> None:
+    """Publish an ONNX model; one with external data is re-saved so its weights file follows the new name."""
+    from .model import ModelArtifact
+
+    artifact = ModelArtifact.load(source)
+    if artifact.has_external_data():
+        artifact.save(target)  # streams the weights into TARGET.data, atomically with the model
+    else:
+        _link_or_copy(source, target)
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     """Publish `source` at `target` atomically: hard-linked (or copied) under a temporary name, then renamed."""
     from .fileio import atomic_path
@@ -310,7 +321,7 @@ def publish(recipe: Recipe, results: dict[str, StepResult], gates: list[tuple[st
     published: dict[str, str] = {}
     for step, target in names.items():
         if step in results:
-            _link_or_copy(results[step].path("model"), out / target)
+            _publish_model(results[step].path("model"), out / target)
             published[step] = target
     if "calibrate" in results:
         for key in ("scales", "cache"):

@@ -44,6 +44,8 @@ CASES: dict[str, Case] = {
     "onnx-text-file": Case(("build", "{M}/text.onnx", "-o", "{O}/b.onnx"), ("text.onnx",), existing=("b.onnx",)),
     "opset-too-new-optimize": Case(("optimize", "{M}/opset99.onnx", "-o", "{O}/a.onnx"),
                                    ("opset99.onnx", "opset 99"), existing=("a.onnx",)),
+    "opset-too-new-build": Case(("build", "{M}/opset99.onnx", "--builder", "tensorrt-rtx", "-o", "{O}/a.engine"),
+                                ("opset99.onnx", "opset 99"), existing=("a.engine",)),
     "ir-too-new": Case(("optimize", "{M}/ir99.onnx", "-o", "{O}/a.onnx"), ("ir99.onnx", "IR version 99")),
     "external-data-missing": Case(("optimize", "{M}/nodata/m.onnx", "-o", "{O}/a.onnx"), ("m.onnx.data", "missing")),
     "external-data-truncated": Case(("calibrate", "{M}/shortdata/m.onnx", "-d", CALIB, "-o", "{O}/s.json"),

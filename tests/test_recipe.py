@@ -118,3 +118,41 @@ def test_bundled_example_end_to_end_with_caching(tmp_path):
     rerun = sorted(name for name, step in steps.items() if not step["cached"])
     assert "export" not in rerun and "optimize" not in rerun and "build:onnxruntime:fp32" not in rerun
     assert {"calibrate", "quantize", "build:onnxruntime:int8"} <= set(rerun)
+
+
+def test_external_data_models_are_published_with_their_weights(tmp_path):
+    """A model stored with external data: every published model still finds its weights and runs."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trtkit.model import ModelArtifact
+    from trtkit.runners import open_runner
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 8, 8])], [weight, bias])
+    source = ModelArtifact.from_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    source.save(tmp_path / "ext.onnx", external_data=True)
+    assert (tmp_path / "ext.onnx.data").is_file()
+    np.save(tmp_path / "calib.npy", rng.uniform(-1, 1, (16, 3, 8, 8)).astype(np.float32))
+    recipe = write(tmp_path, '[model]\nonnx = "ext.onnx"\n[calibration]\ndata = "calib.npy"\nmethod = "minmax"\n'
+                             '[report]\nenabled = false\n')
+    result = run_cli("run", str(recipe), "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    feeds = {"x": np.load(tmp_path / "calib.npy")[:2]}
+    for name in ("model.onnx", "model.int8.onnx"):
+        published = tmp_path / "out" / name
+        outputs = open_runner(published).run(feeds)
+        assert outputs["y"].shape == (2, 16, 8, 8)
+        if ModelArtifact.load(published).has_external_data():
+            assert (tmp_path / "out" / f"{name}.data").is_file()
+
+
+def test_init_refuses_a_missing_model(tmp_path):
+    result = run_cli("init", str(tmp_path / "r.toml"), "--onnx", str(tmp_path / "missing.onnx"))
+    assert result.returncode == 2 and "missing.onnx: no such file" in result.stderr
+    assert not (tmp_path / "r.toml").exists()

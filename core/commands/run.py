@@ -77,5 +77,11 @@ def register(app: typer.Typer) -> None:
 
         if output.exists() and not force:
             raise OptionError(f"{output} exists; pass --force to overwrite it")
+        if onnx is not None and source is not None:
+            raise OptionError("give --onnx or --source, not both")
+        if onnx is not None:
+            from ..model import ModelArtifact
+
+            ModelArtifact.load(onnx)  # a missing or damaged model is a one-line error now, not at `trtkit run`
         write_text(output, starter_recipe(onnx=onnx, source=source))
         typer.echo(f"wrote {output}; check it with: trtkit run {output} --dry-run")
