@@ -131,7 +131,10 @@ def session(
     )
     if extra_outputs:
         artifact = with_outputs(artifact, extra_outputs)
-    if artifact.has_external_data():
+    from .model import EXTERNAL_DATA_THRESHOLD
+
+    # onnxruntime reads external data from disk, and a protobuf cannot hold more than 2 GB: save such models.
+    if artifact.has_external_data() or artifact.weight_bytes() > EXTERNAL_DATA_THRESHOLD:
         with tempfile.TemporaryDirectory(prefix="trtkit-") as folder:
             path = artifact.save(Path(folder) / "model.onnx")
             return _make_session(ort, str(path), options, providers, artifact.source)
