@@ -29,58 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-EDGE_CHANNELS = (0, 5, 9)
-EDGE_FACTORS = (50.0, 80.0, 30.0)
-
-
-def make_dsconv_edge(x_train: np.ndarray, y_train: np.ndarray, epochs: int = 4, seed: int = 0) -> Any:
-    import torch
-    from torch import nn
-
-    def cbr(cin: int, cout: int, k: int, groups: int = 1) -> list:
-        return [nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-
-    class DepthwiseSeparable(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.features = nn.Sequential(*cbr(1, 16, 3), *cbr(16, 16, 3, 16), *cbr(16, 32, 1), nn.MaxPool2d(2),
-                                          *cbr(32, 32, 3, 32), *cbr(32, 32, 1))
-            self.fc = nn.Linear(32, 10)
-
-        def forward(self, image: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.features(image / 16.0 - 0.5).mean(dim=(2, 3)))
-
-    torch.manual_seed(seed)
-    model = DepthwiseSeparable()
-    depthwise: Any = model.features[3]
-    norm: Any = model.features[4]
-    pointwise: Any = model.features[6]
-    kernels = [torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]]),
-               torch.tensor([[-1.0, -2, -1], [0, 0, 0], [1, 2, 1]]),
-               torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]])]
-    mask = torch.ones_like(depthwise.weight)
-    with torch.no_grad():
-        for channel, kernel in zip(EDGE_CHANNELS, kernels, strict=True):
-            depthwise.weight[channel, 0] = kernel * depthwise.weight[channel].norm() / kernel.norm()
-            mask[channel] = 0.0
-    depthwise.weight.register_hook(lambda grad: grad * mask)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = torch.from_numpy(x_train[:768]), torch.from_numpy(y_train[:768])
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for index in torch.randperm(len(x), generator=generator).split(32):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[index]), y[index]).backward()
-            optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        for channel, factor in zip(EDGE_CHANNELS, EDGE_FACTORS, strict=True):
-            norm.weight[channel] *= factor
-            norm.bias[channel] *= factor
-            pointwise.weight[:, channel] /= factor
-    return model
-
 
 def _export(model: Any, path: Path) -> Path:
     import torch
@@ -100,7 +48,7 @@ def run_digits(folder: Path) -> list[list[object]]:
 
     from trtkit import qat
     from trtkit.calibration import calibrate
-    from trtkit.examples.digits import load_digits_split, train_digits_cnn
+    from trtkit.examples.digits import load_digits_split, train_digits_cnn, train_edge_filter_cnn
     from trtkit.metrics import sqnr_db
     from trtkit.model import ModelArtifact
     from trtkit.ptq import bias_correct, equalize
@@ -110,7 +58,7 @@ def run_digits(folder: Path) -> list[list[object]]:
     x_train, y_train, x_test, y_test = load_digits_split()
     models = {
         "digits-cnn": train_digits_cnn(x_train, y_train),
-        "dsconv-edge": make_dsconv_edge(x_train, y_train),
+        "dsconv-edge": train_edge_filter_cnn(x_train, y_train),
     }
     calib_sets = {
         "good (256)": x_train[:256],

@@ -140,3 +140,66 @@ def prepare_example(folder: str | os.PathLike[str]) -> Path:
 
         write_text(recipe, text)
     return recipe
+
+
+# ---- an INT8 failure case: depthwise convs with huge zero-sum edge filters (used by tests and benchmarks) ----
+
+EDGE_CHANNELS = (0, 5, 9)
+EDGE_FACTORS = (50.0, 80.0, 30.0)
+
+
+def train_edge_filter_cnn(x_train: np.ndarray, y_train: np.ndarray, epochs: int = 4, seed: int = 0) -> Any:
+    """The INT8 failure case of depthwise-separable nets, reproduced on the digits.
+
+    Conv-BN-ReLU, then two depthwise-separable blocks (3x3 depthwise + 1x1 pointwise, BN, ReLU), global
+    mean, linear head. Trained briefly; then the edge channels of the first depthwise conv are scaled up
+    (BN gamma/beta x factor) and the pointwise conv scaled down by the same factor (exact in FP32)."""
+    import torch
+    from torch import nn
+
+    def cbr(cin: int, cout: int, k: int, groups: int = 1) -> list:
+        return [nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    class DepthwiseSeparable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(*cbr(1, 16, 3), *cbr(16, 16, 3, 16), *cbr(16, 32, 1), nn.MaxPool2d(2),
+                                          *cbr(32, 32, 3, 32), *cbr(32, 32, 1))
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.features(image / 16.0 - 0.5).mean(dim=(2, 3)))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine is shared: one thread trains fastest under contention
+    try:
+        torch.manual_seed(seed)
+        model = DepthwiseSeparable()
+        depthwise, norm, pointwise = model.features[3], model.features[4], model.features[6]
+        kernels = [torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]]),
+                   torch.tensor([[-1.0, -2, -1], [0, 0, 0], [1, 2, 1]]),
+                   torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]])]
+        mask = torch.ones_like(depthwise.weight)
+        with torch.no_grad():
+            for channel, kernel in zip(EDGE_CHANNELS, kernels, strict=True):
+                depthwise.weight[channel, 0] = kernel * depthwise.weight[channel].norm() / kernel.norm()
+                mask[channel] = 0.0  # zero-sum edge filters stay edge filters while training
+        depthwise.weight.register_hook(lambda grad: grad * mask)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        x, y = torch.from_numpy(x_train[:768]), torch.from_numpy(y_train[:768])
+        generator = torch.Generator().manual_seed(seed)
+        model.train()
+        for _ in range(epochs):
+            for index in torch.randperm(len(x), generator=generator).split(32):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x[index]), y[index]).backward()
+                optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            for channel, factor in zip(EDGE_CHANNELS, EDGE_FACTORS, strict=True):
+                norm.weight[channel] *= factor
+                norm.bias[channel] *= factor
+                pointwise.weight[:, channel] /= factor
+    finally:
+        torch.set_num_threads(threads)
+    return model
