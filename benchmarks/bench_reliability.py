@@ -28,35 +28,6 @@ import numpy as np
 WIDTH = 4096
 
 
-def write_big_model(folder: Path, layers: int) -> tuple[Path, int]:
-    from onnx import TensorProto, helper
-
-    folder.mkdir(parents=True, exist_ok=True)
-    name, data_name = "big.onnx", "big.onnx.data"
-    initializers, nodes, offset, previous = [], [], 0, "x"
-    with open(folder / data_name, "wb") as out:
-        for index in range(layers):
-            rng = np.random.default_rng(1000 + index)
-            raw = (rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) / np.float32(64.0)).tobytes()
-            out.write(raw)
-            tensor = TensorProto(name=f"w{index}", data_type=TensorProto.FLOAT, dims=[WIDTH, WIDTH])
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                tensor.external_data.add(key=key, value=value)
-            tensor.data_location = TensorProto.EXTERNAL
-            initializers.append(tensor)
-            offset += len(raw)
-            output = "y" if index == layers - 1 else f"h{index}"
-            nodes.append(helper.make_node("MatMul", [previous, f"w{index}"], [f"m{index}"]))
-            nodes.append(helper.make_node("Identity" if index == layers - 1 else "Relu", [f"m{index}"], [output]))
-            previous = output
-    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", WIDTH])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", WIDTH])], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    (folder / name).write_bytes(model.SerializeToString())
-    return folder / name, offset
-
-
 def measured(code: str, args: list[str], limit: int) -> tuple[int, float, float, str]:
     """(exit code, seconds, peak RSS MiB, last stderr line) of `python -c code args` under RLIMIT_AS."""
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
@@ -97,7 +68,10 @@ def main() -> None:
     folder = Path(args.folder)
     shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()
-    model, size = write_big_model(folder / "model", args.layers)
+    from tests.test_large_model import write_big_model  # the generator the >2 GB tests use
+
+    info = write_big_model(folder / "model", layers=args.layers)
+    model, size = info["path"], info["bytes"]
     generate = time.perf_counter() - start
     data = folder / "calib.npy"
     np.save(data, np.random.default_rng(0).uniform(-1, 1, (4, WIDTH)).astype(np.float32))
