@@ -138,6 +138,14 @@ def is_graph_output(tensor: Any, graph: Any) -> bool:
     return any(out is tensor for out in graph.outputs)
 
 
+def redirect_consumers(old: Any, new: Any) -> None:
+    """Make every node that reads tensor `old` read tensor `new` instead (graphsurgeon tensors)."""
+    for consumer in list(old.outputs):
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[index] = new
+
+
 def bypass(node: Any, graph: Any, keep: Any = None) -> bool:
     """Remove a single-output node by connecting its consumers to `keep` (its first input by default).
 
@@ -159,10 +167,7 @@ def bypass(node: Any, graph: Any, keep: Any = None) -> bool:
             source.dtype = output.dtype
         source.shape = output.shape if output.shape is not None else source.shape
         graph.outputs[index] = source
-    for consumer in list(output.outputs):
-        for i, inp in enumerate(consumer.inputs):
-            if inp is output:
-                consumer.inputs[i] = source
+    redirect_consumers(output, source)
     node.outputs.clear()
     node.inputs.clear()
     return True

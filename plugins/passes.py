@@ -307,6 +307,8 @@ def _dedupe(graph: Any) -> int:
     import numpy as np
     import onnx_graphsurgeon as gs
 
+    from trtkit.graph import redirect_consumers
+
     def attr_key(value: Any) -> Any:
         if isinstance(value, (gs.Graph, gs.Function)):
             return None  # nodes carrying subgraphs are never merged
@@ -344,10 +346,7 @@ def _dedupe(graph: Any) -> int:
         if any(_is_output(out, graph) for out in node.outputs):
             continue
         for mine, theirs in zip(node.outputs, keep.outputs, strict=True):
-            for consumer in list(mine.outputs):
-                for j, inp in enumerate(consumer.inputs):
-                    if inp is mine:
-                        consumer.inputs[j] = theirs
+            redirect_consumers(mine, theirs)
         node.inputs.clear()
         node.outputs.clear()
         merged += 1
