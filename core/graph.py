@@ -1,11 +1,18 @@
 """Graph utilities shared by the graph passes: onnx-graphsurgeon round trips, folding, op counts.
 
+Large weights stay lazy: `editable(artifact)` copies the model without its external data (only tensors under
+LAZY_MIN_BYTES are read inline), `to_gs(model, base_dir)` turns every remaining external initializer into a
+graphsurgeon Constant whose values are read from disk only if a pass asks for them, and `from_gs` exports
+untouched ones as the same external references. So a pass over a model above the 2 GB protobuf limit holds
+only the tensors it rewrites; `ModelArtifact.save` then streams the rest from the source data file.
+
 Heavy modules (onnx, onnx_graphsurgeon, numpy) are imported inside the functions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -16,6 +23,12 @@ if TYPE_CHECKING:
     from .model import ModelArtifact
 
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
+# External tensors smaller than this are read into the working copy of a model (shape tensors, biases: what
+# shape inference, data propagation and folding need); larger ones stay on disk until a pass reads them.
+LAZY_MIN_BYTES = 1 << 20
+# Constant folding evaluates subgraphs in onnxruntime: lazy weights up to this size are read for it; a
+# foldable subgraph that reads a larger one is left unfolded (it would pull the weight into memory twice).
+FOLD_SIZE_THRESHOLD = 64 << 20
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -58,9 +71,94 @@ def materialized(artifact: ModelArtifact) -> onnx.ModelProto:
     return model
 
 
-def to_gs(model: onnx.ModelProto) -> Any:
+def editable(artifact: ModelArtifact, inline_below: int = LAZY_MIN_BYTES) -> onnx.ModelProto:
+    """A copy of the artefact's model for rewriting, external data NOT loaded: only external tensors smaller
+    than `inline_below` bytes are read inline; the others stay references into `artifact.base_dir`."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    from .model import _all_tensors, _external_info
+
+    model = onnx.ModelProto()
+    model.CopyFrom(artifact.model)
+    for tensor in _all_tensors(model):
+        if uses_external_data(tensor) and int(_external_info(tensor).get("length", inline_below)) < inline_below:
+            tensor.CopyFrom(numpy_helper.from_array(artifact.tensor(tensor), tensor.name))
+    return model
+
+
+@functools.cache
+def _external_values_type() -> type:
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    class ExternalValues(LazyValues):  # type: ignore[misc]
+        """graphsurgeon LazyValues of a tensor held in external data: read from `base_dir` on demand.
+
+        Exported as the original TensorProto (its external-data reference) as long as nobody reads it.
+        """
+
+        def __init__(self, tensor: Any, base_dir: str | None) -> None:
+            super().__init__(tensor)
+            self.base_dir = base_dir
+
+        def load(self) -> Any:
+            from pathlib import Path
+
+            import onnx
+
+            from .model import ModelArtifact
+
+            reader = ModelArtifact(onnx.ModelProto(), Path(self.base_dir) if self.base_dir else None)
+            return reader.tensor(self.tensor)  # errors name the data file and the tensor
+
+    return ExternalValues
+
+
+def is_lazy(tensor: Any) -> bool:
+    """True for a graphsurgeon Constant whose values are still on disk (not read by anyone yet)."""
+    return isinstance(getattr(tensor, "_values", None), _external_values_type())
+
+
+def _graphs(graph: Any) -> Iterator[Any]:
+    """The graph and every subgraph in node attributes (If/Loop/Scan bodies), depth first."""
+    import onnx_graphsurgeon as gs
+
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, gs.Graph):
+                    yield from _graphs(sub)
+
+
+def to_gs(model: onnx.ModelProto, base_dir: Any = None) -> Any:
+    """Import into onnx-graphsurgeon. External tensors (of a model whose data lives in `base_dir`) become
+    Constants with lazy values: read only when a pass asks for `.values`, exported untouched otherwise."""
+    from onnx.external_data_helper import uses_external_data
+
     with quiet_gs() as gs:
-        return gs.import_onnx(model)
+        graph = gs.import_onnx(model)
+        from onnx_graphsurgeon.ir.tensor import LazyValues
+
+        external = _external_values_type()
+        base = str(base_dir) if base_dir is not None else None
+
+        def wrap(constant: Any) -> None:
+            values = constant._values
+            if isinstance(values, LazyValues) and not isinstance(values, external) and \
+                    uses_external_data(values.tensor):
+                constant._values = external(values.tensor, base)
+
+        for sub in _graphs(graph):
+            for tensor in sub.tensors().values():
+                if isinstance(tensor, gs.Constant):
+                    wrap(tensor)
+            for node in sub.nodes:
+                for value in node.attrs.values():
+                    if isinstance(value, gs.Constant):
+                        wrap(value)
+        return graph
 
 
 def from_gs(graph: Any, like: onnx.ModelProto) -> onnx.ModelProto:
@@ -83,19 +181,99 @@ def from_gs(graph: Any, like: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def fold_and_clean(graph: Any, fold: bool = True) -> Any:
-    """Constant-fold (onnxruntime-evaluated, shapes included), drop dead nodes and sort, in place."""
+    """Constant-fold (onnxruntime-evaluated, shapes included), drop dead nodes and sort, in place.
+
+    Lazy (external) weights: those feeding a foldable subgraph are read if at most FOLD_SIZE_THRESHOLD bytes;
+    every other lazy weight is hidden from the folder for its duration (so onnxruntime is never handed an
+    external reference it cannot resolve, and big weights are never pulled into memory by folding).
+    """
     with quiet_gs():
         if fold:
             with contextlib.suppress(Exception):
                 import onnxruntime
 
                 onnxruntime.set_default_logger_severity(3)  # folding sessions must not spam the console
-            with contextlib.suppress(Exception):  # folding is best effort: never break the model
-                graph.fold_constants(fold_shapes=True, recurse_subgraphs=True, error_ok=True,
-                                     size_threshold=64 << 20)
+            hidden = _prepare_lazy_for_folding(graph)
+            try:
+                with contextlib.suppress(Exception):  # folding is best effort: never break the model
+                    graph.fold_constants(fold_shapes=True, recurse_subgraphs=True, error_ok=True,
+                                         size_threshold=FOLD_SIZE_THRESHOLD)
+            finally:
+                _restore_hidden(graph, hidden)
         graph.cleanup(remove_unused_graph_inputs=False)
         graph.toposort()
     return graph
+
+
+def _foldable_nodes(graphs: list[Any]) -> set[int]:
+    """ids of nodes that constant folding may evaluate: every input a constant, the output of such a node, or
+    (Shape) a tensor of static shape. A superset is harmless here; it only decides which lazy weights to read."""
+    import onnx_graphsurgeon as gs
+
+    nodes = [node for sub in graphs for node in sub.nodes]
+    foldable: set[int] = set()
+    constant: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for node in nodes:
+            if id(node) in foldable:
+                continue
+            if node.op == "Shape" and node.inputs and node.inputs[0].shape is not None and all(
+                    isinstance(d, int) and d >= 0 for d in node.inputs[0].shape):
+                ok = True
+            else:
+                ok = all(isinstance(t, gs.Constant) or id(t) in constant or not t.name for t in node.inputs)
+            if ok:
+                foldable.add(id(node))
+                constant.update(id(t) for t in node.outputs)
+                changed = True
+    return foldable
+
+
+def _prepare_lazy_for_folding(graph: Any) -> list[tuple[Any, Any, list[Any]]]:
+    """Read the lazy weights folding needs (small enough); swap every other lazy weight for a placeholder
+    Variable of the same name, dtype and shape. Returns what `_restore_hidden` needs to undo the swap."""
+    import onnx_graphsurgeon as gs
+
+    graphs = list(_graphs(graph))
+    # Constant nodes whose value is external: lower them to Constant tensors now (fold_constants would do it
+    # first thing anyway), so that they are handled like initializers below.
+    for sub in graphs:
+        for node in sub.nodes:
+            value = node.attrs.get("value") if node.op == "Constant" and len(node.attrs) == 1 else None
+            if isinstance(value, gs.Constant) and is_lazy(value) and len(node.outputs) == 1:
+                out = node.outputs[0]
+                out.to_constant(value._values)
+                out.inputs.clear()
+    lazy: dict[int, Any] = {}
+    for sub in graphs:
+        for tensor in sub.tensors().values():
+            if is_lazy(tensor):
+                lazy.setdefault(id(tensor), tensor)
+    if not lazy:
+        return []
+    foldable = _foldable_nodes(graphs)
+    hidden = []
+    for tensor in lazy.values():
+        if any(id(node) in foldable for node in tensor.outputs) and tensor._values.nbytes <= FOLD_SIZE_THRESHOLD:
+            tensor.values = tensor._values.load()
+            continue
+        placeholder = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
+        redirect_consumers(tensor, placeholder)
+        outputs = [(sub, i) for sub in graphs for i, out in enumerate(sub.outputs) if out is tensor]
+        for sub, i in outputs:
+            sub.outputs[i] = placeholder
+        hidden.append((tensor, placeholder, outputs))
+    return hidden
+
+
+def _restore_hidden(graph: Any, hidden: list[tuple[Any, Any, list[Any]]]) -> None:
+    for tensor, placeholder, outputs in hidden:
+        redirect_consumers(placeholder, tensor)
+        for sub, i in outputs:
+            if i < len(sub.outputs) and sub.outputs[i] is placeholder:
+                sub.outputs[i] = tensor
 
 
 def infer_shapes(model: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
@@ -119,11 +297,13 @@ def constant_value(tensor: Any) -> Any:
     import onnx_graphsurgeon as gs
 
     if isinstance(tensor, gs.Constant):
+        if is_lazy(tensor):  # read from disk for this use only: a pass that rewrites it makes a new constant
+            return tensor._values.load()
         return tensor.values
     if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         value = tensor.inputs[0].attrs.get("value")
         if isinstance(value, gs.Constant):
-            return value.values
+            return value._values.load() if is_lazy(value) else value.values
     return None
 
 

@@ -209,8 +209,21 @@ def optimize(
     _check_input_names(source, ranges, "range")
     current = source
     reports: list[PassReport] = []
-    original_outputs: dict[str, np.ndarray] | None = None
-    feeds_for: dict[int, Any] = {}
+    # Outputs already computed, per artefact: a pass's checked result is the next pass's reference, and the
+    # input model's outputs are the final check's. Each model is run once per set of feeds, one session at
+    # a time (a >2 GB model's session holds its weights; two alive would double the peak memory).
+    known: dict[int, tuple[ModelArtifact, dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+
+    def outputs_of(artifact: ModelArtifact, feeds: dict[str, np.ndarray], pass_name: str,
+                   when: str) -> dict[str, np.ndarray]:
+        cached = known.get(id(artifact))
+        if cached is not None and cached[0] is artifact and _same_feeds(cached[1], feeds):
+            return cached[2]
+        outputs = _run(artifact, feeds, pass_name, when)
+        for key in [k for k, (art, _, _) in known.items() if art is not source and art is not artifact]:
+            del known[key]  # keep the input model's and the latest model's outputs only
+        known[id(artifact)] = (artifact, feeds, outputs)
+        return outputs
 
     from .ui import track
 
@@ -241,11 +254,8 @@ def optimize(
         report = PassReport(graph_pass.name, _jsonable(resolved), before, op_counts(result.model), seconds)
         if check and graph_pass.exact:
             feeds = _feeds(result, ranges, dims, seed)
-            feeds_for[len(reports)] = feeds
-            reference = _run(current, feeds, graph_pass.name, "before")
-            if original_outputs is None and current is source:
-                original_outputs = reference
-            got = _run(result, feeds, graph_pass.name, "after")
+            reference = outputs_of(current, feeds, graph_pass.name, "before")
+            got = outputs_of(result, feeds, graph_pass.name, "after")
             report.max_abs_diff, report.tolerance = _compare(reference, got, graph_pass.name, rtol, atol)
             report.checked = "onnxruntime"
         elif check and not graph_pass.exact:
@@ -262,15 +272,20 @@ def optimize(
     overall = None
     if check and all(p.exact for p, _ in selected) and reports:
         feeds = _feeds(current, ranges, dims, seed)
-        ref = _run(source, feeds, "input model", "before")
-        got = _run(current, feeds, "all passes", "after")
+        ref = outputs_of(source, feeds, "input model", "before")
+        got = outputs_of(current, feeds, "all passes", "after")
         overall = max((float(abs(got[k].astype("float64") - ref[k]).max()) if ref[k].size else 0.0)
                       for k in ref) if ref else 0.0
+    known.clear()
     written = None
     if output is not None:
         written = current.save(output, external_data=external_data)
-        current.source = written
-        current.base_dir = written.parent
+        if current.has_external_data():
+            # its tensors still point into the input's data file: hand back the written model instead
+            current = ModelArtifact.load(written)
+        else:
+            current.source = written
+            current.base_dir = written.parent
     return OptimizeResult(current, reports, written, overall)
 
 
@@ -300,6 +315,12 @@ def _feeds(artifact: ModelArtifact, ranges: Mapping[str, tuple[float, float]] | 
 
     clean = {k: (float(v[0]), float(v[1])) for k, v in (ranges or {}).items()}
     return random_inputs(artifact.model, seed=seed, dims=dict(dims or {}), ranges=clean)
+
+
+def _same_feeds(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    import numpy as np
+
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
 
 
 def _run(artifact: ModelArtifact, feeds: dict[str, np.ndarray], pass_name: str, when: str) -> dict[str, np.ndarray]:

@@ -133,12 +133,32 @@ def session(
         artifact = with_outputs(artifact, extra_outputs)
     from .model import EXTERNAL_DATA_THRESHOLD
 
-    # onnxruntime reads external data from disk, and a protobuf cannot hold more than 2 GB: save such models.
-    if artifact.has_external_data() or artifact.weight_bytes() > EXTERNAL_DATA_THRESHOLD:
+    # External weights are read by onnxruntime where they are (no copy, memory-mapped): the protobuf goes in
+    # memory with the data folder named in the session config. Small external tensors are put inline first
+    # (onnx shape inference inside onnxruntime cannot read shape tensors from external data).
+    inline = _inline_bytes(artifact)
+    if artifact.has_external_data() and artifact.base_dir is not None and inline <= EXTERNAL_DATA_THRESHOLD:
+        from .graph import editable
+
+        model_bytes = editable(artifact).SerializeToString()
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(Path(artifact.base_dir).resolve()))
+        return _make_session(ort, model_bytes, options, providers, artifact.source)
+    # A protobuf cannot hold more than 2 GB: such models go through a temporary external-data file.
+    if artifact.has_external_data() or inline > EXTERNAL_DATA_THRESHOLD:
         with tempfile.TemporaryDirectory(prefix="trtkit-") as folder:
             path = artifact.save(Path(folder) / "model.onnx")
             return _make_session(ort, str(path), options, providers, artifact.source)
     return _make_session(ort, artifact.model.SerializeToString(), options, providers, artifact.source)
+
+
+def _inline_bytes(artifact: ModelArtifact) -> int:
+    """Bytes of the tensors held inside the protobuf (external ones excluded)."""
+    from onnx.external_data_helper import uses_external_data
+
+    from .model import _all_tensors
+
+    return sum(len(t.raw_data) or t.ByteSize() for t in _all_tensors(artifact.model) if not uses_external_data(t))
 
 
 def session_options(emulate_qdq: bool = True, threads: int | None = None,

@@ -27,15 +27,15 @@ if TYPE_CHECKING:
 # ---- plumbing ----------------------------------------------------------------------------------------------
 def _rewrite(artifact: ModelArtifact, rewrite: Callable[[Any], Any], fold: bool = True) -> ModelArtifact:
     """Run `rewrite(graph)` on a graphsurgeon copy of the model, refold, and wrap the result as a new artefact."""
-    from trtkit.graph import fold_and_clean, from_gs, materialized, to_gs
+    from trtkit.graph import editable, fold_and_clean, from_gs, to_gs
     from trtkit.model import ModelArtifact
 
-    model = materialized(artifact)
-    graph = to_gs(model)
+    model = editable(artifact)  # big external weights stay on disk unless the rewrite reads them
+    graph = to_gs(model, artifact.base_dir)
     rewrite(graph)
     fold_and_clean(graph, fold=fold)
     new_model = from_gs(graph, model)
-    return ModelArtifact(new_model, None, dict(artifact.metadata), artifact.source)
+    return ModelArtifact(new_model, artifact.base_dir, dict(artifact.metadata), artifact.source)
 
 
 def _const(graph: Any, tensor: Any) -> Any:
@@ -65,6 +65,13 @@ def _static_shape(tensor: Any) -> tuple[int, ...] | None:
     if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
         return None
     return tuple(shape)
+
+
+def _volume(shape: Any) -> float:
+    """Element count of a static shape (inf when unknown)."""
+    if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
+        return math.inf
+    return math.prod(shape)
 
 
 def _is_output(tensor: Any, graph: Any) -> bool:
@@ -324,7 +331,8 @@ def _dedupe(graph: Any) -> int:
     canonical: dict[Any, Any] = {}
     for node in graph.nodes:
         for i, tensor in enumerate(node.inputs):
-            if isinstance(tensor, gs.Constant) and tensor.values.size <= 4096:
+            # the size from the shape first: big (lazy, external) weights are never read for this
+            if isinstance(tensor, gs.Constant) and _volume(tensor.shape) <= 4096:
                 values = tensor.values
                 key = (values.dtype.str, values.shape, values.tobytes())
                 canonical.setdefault(key, tensor)
@@ -356,15 +364,15 @@ def _dedupe(graph: Any) -> int:
 def simplify(artifact: ModelArtifact, fold: bool = True, input_shapes: dict[str, Any] | None = None,
              remove_noops: bool = True, dedupe: bool = True, infer: bool = True) -> ModelArtifact:
     """Shape inference, constant folding, no-op elimination, CSE, dead-node removal; optional static shapes."""
-    from trtkit.graph import fold_and_clean, from_gs, infer_shapes, materialized, to_gs
+    from trtkit.graph import editable, fold_and_clean, from_gs, infer_shapes, to_gs
     from trtkit.model import ModelArtifact
 
-    model = materialized(artifact)
+    model = editable(artifact)
     if input_shapes:
         model = fix_input_shapes(model, input_shapes)
     if infer:
         model = infer_shapes(model)
-    graph = to_gs(model)
+    graph = to_gs(model, artifact.base_dir)
     for _ in range(4):  # each round can expose more: folding -> no-ops -> equal nodes -> folding
         before = len(graph.nodes)
         fold_and_clean(graph, fold=fold)
@@ -384,7 +392,7 @@ def simplify(artifact: ModelArtifact, fold: bool = True, input_shapes: dict[str,
     if input_shapes:
         metadata["input_shapes"] = {name: [int(d) for d in dims] for name, dims in input_shapes.items()
                                     if not isinstance(dims, str)}
-    return ModelArtifact(new_model, None, metadata, artifact.source)
+    return ModelArtifact(new_model, artifact.base_dir, metadata, artifact.source)
 
 
 # ---- optimize ----------------------------------------------------------------------------------------------
@@ -558,7 +566,7 @@ def _merge_reshapes(graph: Any) -> int:
 def optimize(artifact: ModelArtifact, fold_bn: bool = True, fold_affine: bool = True,
              merge_transposes: bool = True, merge_reshapes: bool = True) -> ModelArtifact:
     """Fold BatchNorm and per-channel Mul/Add into the preceding layer, merge transposes/reshapes, refold."""
-    from trtkit.graph import infer_shapes, materialized
+    from trtkit.graph import editable, infer_shapes
 
     counts: dict[str, int] = {}
 
@@ -586,7 +594,8 @@ def optimize(artifact: ModelArtifact, fold_bn: bool = True, fold_affine: bool = 
             artifact.model.graph.value_info):
         from trtkit.model import ModelArtifact
 
-        base = ModelArtifact(infer_shapes(materialized(artifact)), None, dict(artifact.metadata), artifact.source)
+        base = ModelArtifact(infer_shapes(editable(artifact)), artifact.base_dir, dict(artifact.metadata),
+                             artifact.source)
     result = _rewrite(base, rewrite)
     result.model = infer_shapes(result.model)
     return result
@@ -617,13 +626,13 @@ def fuse_preprocess(artifact: ModelArtifact, input: str | None = None, scale: An
     """
     import numpy as np
 
-    from trtkit.graph import materialized
+    from trtkit.graph import editable
     from trtkit.model import ModelArtifact
 
     scale_l, mean_l, std_l = _floats(scale, "scale"), _floats(mean, "mean"), _floats(std, "std")
     declared = scale_l is not None or mean_l is not None or std_l is not None or bool(swap_rb) or (
         input_dtype == "uint8")
-    original = ModelArtifact(materialized(artifact), None, dict(artifact.metadata), artifact.source)
+    original = ModelArtifact(editable(artifact), artifact.base_dir, dict(artifact.metadata), artifact.source)
     info: dict[str, Any] = {}
 
     def rewrite(graph: Any) -> None:
@@ -785,7 +794,7 @@ def fuse_preprocess(artifact: ModelArtifact, input: str | None = None, scale: An
 
     result = _rewrite(original, rewrite)
     if info.get("nothing"):
-        return ModelArtifact(original.model, None, dict(artifact.metadata), artifact.source)
+        return ModelArtifact(original.model, original.base_dir, dict(artifact.metadata), artifact.source)
     info["declared"] = declared
     result.metadata["preprocess"] = info
     lo, hi = (_floats(raw_range, "raw_range") or ([0.0, 255.0] if declared else [-1.0, 1.0]))[:2]
@@ -852,10 +861,10 @@ def remove_sigmoid(artifact: ModelArtifact, thresholds: dict[str, Any] | None = 
     Consumers of a Sigmoid that are not on such a chain keep their Sigmoid. Probability thresholds become logit
     thresholds ln(p / (1 - p)) in metadata["thresholds"].
     """
-    from trtkit.graph import materialized
+    from trtkit.graph import editable
     from trtkit.model import ModelArtifact
 
-    original = ModelArtifact(materialized(artifact), None, dict(artifact.metadata), artifact.source)
+    original = ModelArtifact(editable(artifact), artifact.base_dir, dict(artifact.metadata), artifact.source)
     removed: list[dict[str, Any]] = []
 
     def on_output_chain(tensor: Any, graph: Any, depth: int = 0) -> bool:
@@ -901,7 +910,7 @@ def remove_sigmoid(artifact: ModelArtifact, thresholds: dict[str, Any] | None = 
 
     result = _rewrite(original, rewrite, fold=False)
     if not removed:
-        return ModelArtifact(original.model, None, dict(artifact.metadata), artifact.source)
+        return ModelArtifact(original.model, original.base_dir, dict(artifact.metadata), artifact.source)
     affected = _sigmoid_masks(original, result, seed, verify)
     probabilities: dict[str, float] = {}
     if threshold is not None:

@@ -190,7 +190,7 @@ def run_cli_measured(*args: str, timeout: float = 1800, memory_limit: int | None
         proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
                               preexec_fn=cap)
         text = Path(rss.name).read_text().strip()
-    return proc, (int(text) / 1024 if text else float("nan"))
+    return proc, (float(text) / 1024 if text else float("nan"))
 
 
 @pytest.fixture(scope="module")
