@@ -71,15 +71,18 @@ def materialized(artifact: ModelArtifact) -> onnx.ModelProto:
     return model
 
 
-def editable(artifact: ModelArtifact, inline_below: int = LAZY_MIN_BYTES) -> onnx.ModelProto:
+def editable(artifact: ModelArtifact, inline_below: int | None = None) -> onnx.ModelProto:
     """A copy of the artefact's model for rewriting, external data NOT loaded: only external tensors smaller
-    than `inline_below` bytes are read inline; the others stay references into `artifact.base_dir`."""
+    than `inline_below` bytes (default LAZY_MIN_BYTES) are read inline; the others stay references into
+    `artifact.base_dir`."""
     import onnx
     from onnx import numpy_helper
     from onnx.external_data_helper import uses_external_data
 
     from .model import _all_tensors, _external_info
 
+    if inline_below is None:
+        inline_below = LAZY_MIN_BYTES
     model = onnx.ModelProto()
     model.CopyFrom(artifact.model)
     for tensor in _all_tensors(model):
