@@ -1,0 +1,208 @@
+"""Passes keep external weights lazy: a small model (weights of about 1-2 MiB, stored as external data) shows
+on real onnxruntime what the 2 GiB model test (test_large_model.py) relies on: a pass reads only the weights
+it rewrites, untouched ones stay references into the input's data file until the output is saved (streamed),
+folding reads a lazy weight only when it can fold it, and the results match the in-memory path exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from conftest import run_cli  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx.external_data_helper import uses_external_data  # noqa: E402
+
+from trtkit import graph as graph_utils  # noqa: E402
+from trtkit.errors import TrtkitError  # noqa: E402
+from trtkit.model import ModelArtifact  # noqa: E402
+from trtkit.optimizing import optimize  # noqa: E402
+from trtkit.runtime import random_inputs, run, session  # noqa: E402
+
+LAZY = graph_utils.LAZY_MIN_BYTES
+
+
+def lazy_model() -> onnx.ModelProto:
+    """Conv(W1 1.1 MiB)+BN -> Relu -> Conv(W2 2.3 MiB) -> pool -> MatMul(Transpose(WT 1 MiB)) + Mul(c1, c2).
+
+    BN folding rewrites W1; W2 is never touched; Transpose(WT) is foldable; Mul(c1, c2) is a small fold.
+    """
+    rng = np.random.default_rng(7)
+
+    def const(name: str, array: np.ndarray) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+    inits = [
+        const("W1", (rng.standard_normal((256, 128, 3, 3)) / 34).astype(np.float32)),
+        const("b1", rng.normal(0, 0.1, 256).astype(np.float32)),
+        const("gamma", rng.uniform(0.5, 1.5, 256).astype(np.float32)),
+        const("beta", rng.normal(0, 0.3, 256).astype(np.float32)),
+        const("mean", rng.normal(0.1, 0.3, 256).astype(np.float32)),
+        const("var", rng.uniform(0.5, 2.0, 256).astype(np.float32)),
+        const("W2", (rng.standard_normal((256, 256, 3, 3)) / 48).astype(np.float32)),
+        const("WT", (rng.standard_normal((1024, 256)) / 16).astype(np.float32)),
+        const("c1", rng.normal(0, 1, 1024).astype(np.float32)),
+        const("c2", rng.normal(0, 1, 1024).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "b1"], ["c"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["bn"], name="bn1"),
+        helper.make_node("Relu", ["bn"], ["r"], name="relu1"),
+        helper.make_node("Conv", ["r", "W2"], ["c2out"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("GlobalAveragePool", ["c2out"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Transpose", ["WT"], ["w_t"], perm=[1, 0], name="transpose"),
+        helper.make_node("MatMul", ["f", "w_t"], ["m"], name="matmul"),
+        helper.make_node("Mul", ["c1", "c2"], ["bias"], name="bias_mul"),
+        helper.make_node("Add", ["m", "bias"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes, "lazy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 128, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1024])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("lazy")
+    model = ModelArtifact.from_model(lazy_model())
+    return {"external": model.save(folder / "ext" / "m.onnx", external_data=True),
+            "inline": model.save(folder / "inline" / "m.onnx", external_data=False)}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ops(artifact: ModelArtifact) -> list[str]:
+    return [node.op_type for node in artifact.model.graph.node]
+
+
+def initializer(artifact: ModelArtifact, name: str) -> onnx.TensorProto:
+    return next(t for t in artifact.model.graph.initializer if t.name == name)
+
+
+def outputs(model, feeds):
+    return run(session(model, optimization="disable"), feeds)
+
+
+def feeds(seed: int = 3) -> dict[str, np.ndarray]:
+    return random_inputs(lazy_model(), seed=seed, dims={"n": 2})
+
+
+def test_the_model_really_has_lazy_weights(sources):
+    art = ModelArtifact.load(sources["external"])
+    sizes = {t.name: int(next(e.value for e in t.external_data if e.key == "length"))
+             for t in art.model.graph.initializer if uses_external_data(t)}
+    assert {name for name, size in sizes.items() if size >= LAZY} == {"W1", "W2", "WT"}
+    # editable(): the small external tensors come inline, the big ones stay references
+    model = graph_utils.editable(art)
+    external = {t.name for t in model.graph.initializer if uses_external_data(t)}
+    assert external == {"W1", "W2", "WT"}
+
+
+def test_passes_read_only_the_weights_they_rewrite(sources):
+    before = {p: sha(p) for p in sources["external"].parent.iterdir()}
+    result = optimize(sources["external"], dims={"n": 2})
+    art = result.artifact
+    assert "BatchNormalization" not in ops(art) and "Transpose" not in ops(art) and "Mul" not in ops(art)
+    # W2 was never read: still a reference into the input's data file, found through the result's base_dir
+    w2 = initializer(art, "W2")
+    assert uses_external_data(w2) and not w2.raw_data
+    assert art.base_dir == sources["external"].parent
+    np.testing.assert_array_equal(art.tensor("W2"), ModelArtifact.load(sources["external"]).tensor("W2"))
+    # W1 (BN folded into it) and WT (Transpose folded) became new in-memory tensors
+    names = {t.name for t in art.model.graph.initializer}
+    assert "W1" not in names and "WT" not in names
+    assert not any(uses_external_data(t) for t in art.model.graph.initializer if t.name != "W2")
+    # numerically the same model, checked per pass and overall
+    assert all(r.checked == "onnxruntime" for r in result.reports)
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-3
+    ref, got = outputs(sources["inline"], feeds()), outputs(art, feeds())
+    np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-4, atol=1e-5)
+    assert {p: sha(p) for p in sources["external"].parent.iterdir()} == before  # input untouched
+
+
+def test_lazy_path_matches_the_in_memory_path(sources, tmp_path):
+    """Same passes on the external-data file and the inline file: same graph, same weight values, same outputs."""
+    lazy = optimize(sources["external"], output=tmp_path / "a" / "m.onnx", dims={"n": 2})
+    eager = optimize(sources["inline"], output=tmp_path / "b" / "m.onnx", dims={"n": 2})
+    assert ops(lazy.artifact) == ops(eager.artifact)
+    assert [t.name for t in lazy.artifact.model.graph.initializer] == \
+        [t.name for t in eager.artifact.model.graph.initializer]
+    for tensor in eager.artifact.model.graph.initializer:
+        np.testing.assert_array_equal(lazy.artifact.tensor(tensor.name), eager.artifact.tensor(tensor.name))
+    assert [r.nodes_after for r in lazy.reports] == [r.nodes_after for r in eager.reports]
+    # the returned artefact of a written external model reads from the written files, not the input's
+    assert lazy.artifact.source == lazy.output and lazy.artifact.has_external_data()
+    assert all(e.value == "m.onnx.data" for t in lazy.artifact.model.graph.initializer for e in t.external_data
+               if e.key == "location")
+    np.testing.assert_array_equal(outputs(lazy.output, feeds(5))["y"], outputs(eager.output, feeds(5))["y"])
+
+
+def test_lazy_outputs_are_byte_identical_across_runs(sources, tmp_path):
+    written = []
+    for run_index in range(2):
+        result = optimize(sources["external"], output=tmp_path / str(run_index) / "m.onnx", dims={"n": 2})
+        data = result.output.with_name("m.onnx.data")
+        written.append((sha(result.output), sha(data)))
+        # the untouched weight was streamed from the input's data file, bit for bit
+        np.testing.assert_array_equal(result.artifact.tensor("W2"),
+                                      ModelArtifact.load(sources["external"]).tensor("W2"))
+    assert written[0] == written[1]
+
+
+def test_folding_leaves_a_lazy_weight_over_the_threshold_unread(sources, monkeypatch):
+    """A foldable subgraph reading a lazy weight above FOLD_SIZE_THRESHOLD is left as it is; the rest of the
+    graph still folds (the weight is hidden from the folder, not a reason to give up folding)."""
+    monkeypatch.setattr(graph_utils, "FOLD_SIZE_THRESHOLD", 512 << 10)  # WT is 1 MiB
+    result = optimize(sources["external"], dims={"n": 2})
+    art = result.artifact
+    assert "Transpose" in ops(art)  # not folded: WT stays on disk
+    assert "Mul" not in ops(art)  # the small Mul(c1, c2) was folded all the same
+    assert uses_external_data(initializer(art, "WT"))
+    ref, got = outputs(sources["inline"], feeds()), outputs(art, feeds())
+    np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-4, atol=1e-5)
+
+
+def test_fuse_preprocess_on_an_external_model(sources):
+    """A pass that proves itself with its own sessions (fuse-preprocess) works on lazy weights too."""
+    result = optimize(sources["external"], ["simplify", "optimize", ("fuse-preprocess", {"scale": [0.5]})],
+                      dims={"n": 2})
+    art = result.artifact
+    assert art.metadata["preprocess"]["max_abs_diff"] < 1e-3
+    assert uses_external_data(initializer(art, "W2"))  # still untouched
+    raw = feeds(11)
+    ref = outputs(sources["inline"], {"x": (raw["x"] * 0.5).astype(np.float32)})
+    np.testing.assert_allclose(outputs(art, raw)["y"], ref["y"], rtol=1e-4, atol=1e-5)
+
+
+def test_missing_data_file_is_named_when_a_pass_reads_it(sources, tmp_path):
+    """The data file vanishing after loading: the pass that reads a weight fails with a message naming it."""
+    folder = tmp_path / "gone"
+    ModelArtifact.load(sources["external"]).save(folder / "m.onnx")
+    art = ModelArtifact.load(folder / "m.onnx")
+    (folder / "m.onnx.data").unlink()
+    with pytest.raises(TrtkitError, match=r"m\.onnx\.data"):
+        optimize(art, ["optimize"], check=False)
+
+
+def test_cli_optimize_external_model(sources, tmp_path):
+    out = tmp_path / "cli" / "m.onnx"
+    proc = run_cli("optimize", str(sources["external"]), "-o", str(out), "--dim", "n=2", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["nodes_after"] < report["nodes_before"]
+    written = ModelArtifact.load(out)
+    assert written.has_external_data() and out.with_name("m.onnx.data").is_file()
+    ref, got = outputs(sources["inline"], feeds(13)), outputs(out, feeds(13))
+    np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-4, atol=1e-5)
