@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .calibration import DEFAULT_METHOD
 from .errors import OptionError, TrtkitError, close_matches
 from .recipe import Recipe, Step, StepResult, _source_files
 
@@ -42,7 +43,7 @@ def _check_components(recipe: Recipe) -> None:
         parse_pass_specs([(item["name"], item.get("options", {})) for item in passes])
     calibration = recipe.section("calibration")
     if calibration:
-        method = calibration.get("method", "entropy")
+        method = calibration.get("method", DEFAULT_METHOD)
         registry.calibrator(method).resolve_options(calibration.get("options", {}),
                                                     where=f"{recipe.path} [calibration] method '{method}'")
     for item in recipe.section("builders"):
@@ -87,9 +88,9 @@ def steps_for(recipe: Recipe) -> list[Step]:
             raise TrtkitError(f"{recipe.path} [calibration]: missing key 'data'")
         overrides = recipe.resolve(calibration.get("overrides"))
         config = {key: calibration.get(key) for key in ("method", "options", "batch_size", "limit", "cache",
-                                                            "trt_version")}
+                                                            "trt_version", "histogram_positions")}
         config.update(data=str(data), overrides=str(overrides) if overrides else None)
-        config["method"] = config["method"] or "entropy"
+        config["method"] = config["method"] or DEFAULT_METHOD
         steps.append(Step("calibrate", config, needs=["optimize"],
                           files=[data] + ([overrides] if overrides else []), action=_calibrate))
         qconfig = {key: quantize.get(key) for key in ("exclude", "exclude_op_types", "per_channel", "reduce_range")}
@@ -168,6 +169,8 @@ def _calibrate(step: Step, results: dict[str, StepResult], folder: Path) -> dict
     for key in ("batch_size", "limit"):
         if config.get(key) is not None:
             kwargs[key] = config[key]
+    if config.get("histogram_positions") is not None:
+        kwargs["per_item"] = config["histogram_positions"] or None  # 0: every value (default: "auto")
     scales = calibrate(results["optimize"].path("model"), config["data"], output=folder / "scales.json", **kwargs)
     outputs: dict[str, Any] = {"scales": "scales.json", "tensors": len(scales)}
     if config.get("cache"):
@@ -388,7 +391,7 @@ def report_context(recipe: Recipe, results: dict[str, StepResult], out: Path) ->
             str(results["optimize"].path("model")), str(results["quantize"].path("model")),
             str(recipe.resolve(calibration.get("data"))), num_samples=256)
         for entry in context["histograms"].values():
-            entry["method"] = calibration.get("method", "entropy")
+            entry["method"] = calibration.get("method", DEFAULT_METHOD)
     if "calibrate" in results:
         scales = json.loads(results["calibrate"].path("scales").read_text())
         tensors = scales.get("tensors", {})

@@ -46,11 +46,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     },
     "calibration": {
         "data": (str, "calibration data: .npy/.npz file or image folder"),
-        "method": (str, "calibrator plugin name (minmax, entropy, percentile, mse, ...)"),
+        "method": (str, "calibrator plugin name (percentile, entropy, minmax, mse, ...)"),
         "options": (dict, "the calibrator's options"),
         "overrides": (str, "custom scales file (JSON/YAML tensor -> amax, or a TensorRT cache)"),
         "batch_size": (int, "batch size for statistics collection"),
         "limit": (int, "use at most this many samples"),
+        "histogram_positions": (int, "histogram at most this many positions per sample per tensor (0: every value)"),
         "cache": (bool, "also write a TensorRT calibration cache (calibration.cache)"),
         "trt_version": (str, "TensorRT version for the cache header, e.g. 8.6.1 or 10.3.0"),
     },
@@ -348,7 +349,7 @@ name = "optimize"
 # INT8 calibration. Remove this section for an FP32/FP16-only deployment.
 [calibration]
 data = "calibration.npy"            # .npy (first axis = samples), .npz (keys = input names) or an image folder
-method = "entropy"                  # minmax, entropy, percentile, mse, or a plugin's calibrator
+method = "percentile"               # percentile, entropy (TensorRT's), minmax, mse, or a plugin's calibrator
 # options = {{ percentile = 99.99 }}
 # overrides = "pinned-scales.json"  # tensor -> amax pinned by you; the calibrator fills the rest
 # cache = true                      # also write a TensorRT calibration cache (TensorRT <= 10, DLA)

@@ -22,7 +22,7 @@ from trtkit.calibration import (
     calibrate,
     collect,
 )
-from trtkit.errors import DataError, InputFileError, UnknownNameError
+from trtkit.errors import DataError, InputFileError, OptionError, UnknownNameError
 from trtkit.registry import get_registry
 
 METHODS = ("minmax", "entropy", "percentile", "mse")
@@ -174,6 +174,63 @@ def test_calibrate_is_batch_size_and_order_invariant(small):
         assert all(v > 0 for v in a.values())
     assert stats_a.data["sha256"] != stats_b.data["sha256"]  # the fingerprint records the data order
     assert stats_a.model["sha256"] == stats_b.model["sha256"]
+    assert stats_a.num_samples == stats_b.num_samples == len(data)
+    assert stats_a.tensors["x"].count == stats_b.tensors["x"].count == data.size  # every value seen once
+
+
+def _same_statistics(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name].count, a[name].min, a[name].max, a[name].range) == \
+            (b[name].count, b[name].min, b[name].max, b[name].range), name
+        assert np.array_equal(a[name].hist, b[name].hist), name
+
+
+def test_runs_in_slices_of_a_memory_budget_give_the_same_statistics(small, monkeypatch):
+    """A dynamic-batch model runs in slices of each batch (RUN_BYTES of observed activations): one sample per
+    run and a whole batch per run collect identical statistics, and every value exactly once."""
+    import trtkit.calibration as calibration
+
+    folder, _, data = small
+    monkeypatch.setattr(calibration, "RUN_BYTES", 1)  # one sample per onnxruntime run
+    sliced = collect(folder / "m.onnx", data, batch_size=16, progress=False)
+    monkeypatch.setattr(calibration, "RUN_BYTES", 1 << 40)  # whole batches
+    whole = collect(folder / "m.onnx", data, batch_size=16, progress=False)
+    _same_statistics(sliced.tensors, whole.tensors)
+    assert sliced.tensors["relu0_out"].count == whole.tensors["relu0_out"].count == len(data) * 16 * 8 * 8
+    assert sliced.data == whole.data
+
+
+def test_default_histogram_sampling_is_invariant_and_close_to_exact(tmp_path):
+    """Histograms see at most DEFAULT_PER_ITEM positions per sample (min/max exact): independent of batching,
+    and percentile/mse stay within a few percent of the every-value result. Entropy, whose divergence depends
+    on the counts in the tail bins, histograms every value by default."""
+    from qdq_models import _Net
+
+    net = _Net(0)  # x -> conv -> relu -> conv at 32x32: 16384 positions per sample of the relu output
+    model = net.model([net.conv(net.node("Relu", [net.conv("x", 3, 16, "c1")], "r1"), 16, 8, "c2")], 3, hw=32)
+    onnx.save(model, tmp_path / "m.onnx")
+    data = random_batch(model, 24)
+    np.save(tmp_path / "d.npy", data)
+    a = collect(tmp_path / "m.onnx", data, batch_size=5, progress=False)
+    b = collect(tmp_path / "m.onnx", data[::-1].copy(), batch_size=24, progress=False)
+    exact = collect(tmp_path / "m.onnx", data, batch_size=24, progress=False, per_item=None)
+    _same_statistics(a.tensors, b.tensors)
+    big = max(exact.tensors, key=lambda n: exact.tensors[n].count)
+    assert a.tensors[big].hist.sum() < exact.tensors[big].hist.sum() / 2  # sampling did happen
+    for name in exact.tensors:
+        assert (a.tensors[name].min, a.tensors[name].max) == (exact.tensors[name].min, exact.tensors[name].max)
+    for method in ("percentile", "mse"):
+        sampled, full = a.compute(method), exact.compute(method)
+        for name in full:
+            assert sampled[name] == pytest.approx(full[name], rel=0.05), (method, name)
+    assert dict(calibrate(tmp_path / "m.onnx", data, method="entropy", progress=False)) == dict(exact.compute("entropy"))
+    assert dict(calibrate(tmp_path / "m.onnx", data, progress=False)) == dict(a.compute("percentile"))
+    with pytest.raises(OptionError, match="histogram positions"):
+        calibrate(tmp_path / "m.onnx", data, per_item=0, progress=False)
+    bad = run_cli("calibrate", str(tmp_path / "m.onnx"), "-d", str(tmp_path / "d.npy"), "--histogram-positions", "-3",
+                  "-o", str(tmp_path / "s.json"))
+    assert bad.returncode == 2 and "--histogram-positions" in bad.stderr and not (tmp_path / "s.json").exists()
 
 
 def test_scales_file_round_trip_and_determinism(small, tmp_path):

@@ -263,7 +263,7 @@ def test_input_untouched_output_deterministic_metadata(tmp_path):
     from trtkit.model import ModelArtifact
 
     meta = ModelArtifact.load(tmp_path / "a.onnx").metadata["quantization"]
-    assert meta["method"] == "entropy" and meta["activation_amax"]["relu0_out"] == pytest.approx(scales["relu0_out"])
+    assert meta["method"] == "percentile" and meta["activation_amax"]["relu0_out"] == pytest.approx(scales["relu0_out"])
     assert meta["calibration"]["model"]["sha256"] == scales.model["sha256"]
     assert meta["calibration"]["model_matches"] is True
     with pytest.raises(OptionError, match="overwrite the input"):

@@ -10,6 +10,7 @@ import pytest
 from conftest import run_cli
 
 import trtkit
+from trtkit.calibration import DEFAULT_METHOD
 from trtkit.examples.digits import INPUT_NAME, accuracy
 from trtkit.runtime import session
 
@@ -45,7 +46,7 @@ def test_cli_calibrate_then_quantize(digits, tmp_path):
                      "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["method"] == "entropy" and summary["weights"] == 5
+    assert summary["method"] == DEFAULT_METHOD == "percentile" and summary["weights"] == 5
     logits = session(tmp_path / "q.onnx").run(None, {INPUT_NAME: x_test})[0]
     assert accuracy(logits, y_test) >= accuracy(fp32_logits, y_test) - 0.01
     # one step: calibrate and quantize together, with an exclusion by op type

@@ -111,7 +111,9 @@ def test_bundled_example_end_to_end_with_caching(tmp_path):
     assert "everything cached" in again.stderr
     # another calibration method: calibration onwards only
     recipe = folder / "recipe.toml"
-    recipe.write_text(recipe.read_text().replace('method = "entropy"', 'method = "percentile"'))
+    text = recipe.read_text()
+    assert 'method = "percentile"' in text
+    recipe.write_text(text.replace('method = "percentile"', 'method = "entropy"'))
     third = run_cli("run", str(recipe), "-o", str(run_dir))
     assert third.returncode == 0, third.stderr[-2000:]
     steps = json.loads((run_dir / "summary.json").read_text())["steps"]

@@ -15,13 +15,22 @@ def _print_json(payload: dict[str, Any]) -> None:
     typer.echo(json.dumps(payload, indent=2, sort_keys=True))
 
 
+def _positions(method: str, value: int | None) -> int | None:
+    from ..calibration import histogram_positions
+    from ..errors import OptionError
+
+    if value is not None and value < 0:
+        raise OptionError(f"--histogram-positions must be >= 0 (0: every value), got {value}")
+    return histogram_positions(method, "auto" if value is None else value or None)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     def calibrate_command(
         model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
         data: Annotated[str, typer.Option("--data", "-d", help=".npy, .npz or a folder of images.")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Scales JSON to write.")] = Path("scales.json"),
-        method: Annotated[str, typer.Option("--method", "-m", help="Calibrator: minmax, entropy, percentile, mse, ...")] = "entropy",
+        method: Annotated[str, typer.Option("--method", "-m", help="Calibrator: percentile (99.99), entropy (TensorRT's EntropyCalibrator2), minmax, mse, ...")] = "percentile",
         option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Calibrator option KEY=VALUE (repeatable).")] = None,
         override: Annotated[Path | None, typer.Option("--override", help="Custom scales (JSON/YAML tensor -> amax, or a TensorRT cache) pinning chosen tensors.")] = None,
         cache: Annotated[Path | None, typer.Option("--cache", help="Also write a TensorRT calibration cache here.")] = None,
@@ -30,7 +39,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per onnxruntime run.")] = 32,
         limit: Annotated[int | None, typer.Option("--limit", "-n", help="Use at most this many samples.")] = None,
         preprocess: Annotated[list[str] | None, typer.Option("--preprocess", "-P", help="Image preprocessing KEY=VALUE: resize, crop, scale, mean, std, channels, layout.")] = None,
-        per_sample: Annotated[int | None, typer.Option("--histogram-positions", help="Histogram at most this many positions per sample per tensor (faster; changes entropy results). Default: every value.")] = None,
+        per_sample: Annotated[int | None, typer.Option("--histogram-positions", help="Histogram at most this many evenly spread positions of each sample of each tensor (min/max stay exact); 0: every value. Default: 4096, every value for entropy.")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary on stdout.")] = False,
     ) -> None:
         """Run the model over calibration data once and write per-tensor ranges (amax, scale = amax/127)."""
@@ -52,7 +61,7 @@ def register(app: typer.Typer) -> None:
         which = tensors or ("all" if cache is not None else "quantizable")
         stats = collect(model, data, tensors=which, batch_size=batch_size, limit=limit,
                         preprocess=parse_key_values(preprocess, "--preprocess") or None,
-                        histograms=method != "minmax", per_item=per_sample)
+                        histograms=method != "minmax", per_item=_positions(method, per_sample))
         scales = stats.compute(method, overrides=override, options=options)
         scales.save(output)
         if cache is not None:
@@ -87,7 +96,7 @@ def register(app: typer.Typer) -> None:
         scales: Annotated[Path | None, typer.Option("--scales", "-s", help="Scales JSON (from `trtkit calibrate`), YAML or TensorRT cache.")] = None,
         output: Annotated[Path | None, typer.Option("--output", "-o", help="QDQ ONNX model to write.")] = None,
         data: Annotated[str | None, typer.Option("--data", "-d", help="Calibrate on this data first (instead of --scales).")] = None,
-        method: Annotated[str, typer.Option("--method", "-m", help="Calibrator when --data is given.")] = "entropy",
+        method: Annotated[str, typer.Option("--method", "-m", help="Calibrator when --data is given.")] = "percentile",
         exclude: Annotated[list[str] | None, typer.Option("--exclude", "-x", help="Node name to keep in float (repeatable).")] = None,
         exclude_op_type: Annotated[list[str] | None, typer.Option("--exclude-op-type", help="Op type to keep in float (repeatable).")] = None,
         per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One scale per weight tensor instead of per channel.")] = False,
