@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
     from .model import ModelArtifact
 
+# An artefact with external data whose in-memory (inline) tensors exceed this goes to onnxruntime through a
+# temporary external-data copy rather than a serialized protobuf (see session()).
+INLINE_SESSION_BYTES = 256 << 20
+
 _ONNX_TO_NUMPY = {
     1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
     10: "float16", 11: "float64", 12: "uint32", 13: "uint64",
@@ -135,9 +139,11 @@ def session(
 
     # External weights are read by onnxruntime where they are (no copy, memory-mapped): the protobuf goes in
     # memory with the data folder named in the session config. Small external tensors are put inline first
-    # (onnx shape inference inside onnxruntime cannot read shape tensors from external data).
+    # (onnx shape inference inside onnxruntime cannot read shape tensors from external data). When much of
+    # the model is in memory too (a pass rewrote big weights), serializing would hold it three times over:
+    # such models are streamed to a temporary external-data file instead (below).
     inline = _inline_bytes(artifact)
-    if artifact.has_external_data() and artifact.base_dir is not None and inline <= EXTERNAL_DATA_THRESHOLD:
+    if artifact.has_external_data() and artifact.base_dir is not None and inline <= INLINE_SESSION_BYTES:
         from .graph import editable
 
         model_bytes = editable(artifact).SerializeToString()

@@ -206,3 +206,24 @@ def test_cli_optimize_external_model(sources, tmp_path):
     assert written.has_external_data() and out.with_name("m.onnx.data").is_file()
     ref, got = outputs(sources["inline"], feeds(13)), outputs(out, feeds(13))
     np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-4, atol=1e-5)
+
+
+def test_sessions_on_a_lazy_artefact_both_routes(sources, monkeypatch):
+    """runtime.session on a pass result that mixes lazy weights and new in-memory ones: read in place (protobuf
+    in memory, data folder in the session config) or, when much is in memory, through a temporary copy; both
+    give the outputs of the original model, and neither touches the input's folder."""
+    from trtkit import runtime
+
+    result = optimize(sources["external"], ["optimize"], check=False).artifact
+    assert uses_external_data(initializer(result, "W2"))
+    folded = [t for t in result.model.graph.initializer if "bnfold" in t.name]
+    assert folded and not any(uses_external_data(t) for t in folded)  # W1 * BN scale: new, in memory
+    folder = sources["external"].parent
+    listing = sorted(p.name for p in folder.iterdir())
+    ref = outputs(sources["inline"], feeds(17))["y"]
+    in_place = outputs(result, feeds(17))["y"]
+    monkeypatch.setattr(runtime, "INLINE_SESSION_BYTES", 0)
+    spilled = outputs(result, feeds(17))["y"]
+    np.testing.assert_allclose(in_place, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(spilled, in_place)
+    assert sorted(p.name for p in folder.iterdir()) == listing
