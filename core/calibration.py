@@ -475,6 +475,7 @@ def collect(
     # RUN_BYTES (measured on a first run of one sample): two runs are in flight (one reduced while onnxruntime
     # computes the next), so peak memory is bounded whatever the batch size or the number of samples.
     per_run: int | None = None if _dynamic_batch(sess) else 0
+    quiet = _quiet_run_options()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtkit-calib") as pool:
         pending = None
         for feeds in batches:
@@ -484,12 +485,17 @@ def collect(
                 size = total - start if per_run == 0 else min(per_run or 1, total - start)
                 part = feeds if size == total else {name: value[start:start + size] for name, value in feeds.items()}
                 start += size
-                future = pool.submit(sess.run, fetch, part) if fetch else _done([])
+                # the first run may fail by design (see below): onnxruntime must not log it as an error
+                future = pool.submit(sess.run, fetch, part, quiet if per_run is None else None) if fetch else _done([])
                 if pending is not None:
                     reduce(*_result(pending))
                 pending = (part, future)
                 if per_run is None:
-                    part, results = _result(pending)
+                    try:
+                        part, results = _result(pending)
+                    except DataError:  # a free batch axis in name only (e.g. a Reshape to a fixed batch)
+                        per_run, start, pending = 0, 0, None  # whole batches from now on
+                        continue
                     pending = None
                     observed = sum(getattr(value, "nbytes", 0) for value in results) or 1
                     per_run = _divisor_at_most(source.batch_size, RUN_BYTES // observed)
@@ -537,6 +543,14 @@ def _track_samples(batches: Iterator[dict[str, np.ndarray]], total: int | None) 
         for feeds in batches:
             yield feeds
             bar.advance(task, len(next(iter(feeds.values()))))
+
+
+def _quiet_run_options() -> Any:
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # fatal only
+    return options
 
 
 def _divisor_at_most(batch: int, limit: int) -> int:

@@ -336,3 +336,22 @@ def test_clipped_fraction_is_recorded():
     scales = calibrate(model, random_batch(model, 8), method="percentile", options={"percentile": 90.0},
                        progress=False)
     assert all(0.0 <= entry["clipped"] <= 0.11 for entry in scales.to_dict()["tensors"].values())
+
+
+def test_model_whose_batch_axis_is_free_in_name_only_runs_whole_batches(tmp_path):
+    """A dynamic batch axis that a Reshape pins to 4 fails on a one-sample run: calibration falls back to
+    running the data's whole batches and still sees every value once."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Relu", ["r"], ["y0"]),
+             helper.make_node("MatMul", ["y0", "w"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "pinned", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.array([4, 4], np.int64), "shape"),
+                     numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    stats = collect(model, data, batch_size=4, progress=False)
+    assert stats.num_samples == 8 and stats.tensors["y0"].count == data.size
+    assert stats.tensors["y0"].max == pytest.approx(float(np.maximum(data, 0).max()))
