@@ -164,10 +164,28 @@ def to_gs(model: onnx.ModelProto, base_dir: Any = None) -> Any:
         return graph
 
 
-def from_gs(graph: Any, like: onnx.ModelProto) -> onnx.ModelProto:
-    """Export a graphsurgeon graph, keeping the model-level fields (opsets, IR version, metadata) of `like`."""
+def from_gs(graph: Any, like: onnx.ModelProto, move_big: bool = False) -> onnx.ModelProto:
+    """Export a graphsurgeon graph, keeping the model-level fields (opsets, IR version, metadata) of `like`.
+
+    move_big: the main graph's in-memory constants of LAZY_MIN_BYTES or more are moved into the model instead
+    of copied (graphsurgeon's exporter copies each tensor three times over, which a pass that rewrote a
+    gigabyte of weights cannot afford); the graph must not be used afterwards.
+    """
+    moved: dict[str, Any] = {}
+    if move_big:
+        moved = _stub_big_constants(graph)
+    collect = bool(moved)
     with quiet_gs() as gs:
         model = gs.export_onnx(graph, do_type_check=False)
+    for tensor in model.graph.initializer:
+        array = moved.pop(tensor.name, None)
+        if array is not None:
+            tensor.raw_data = array.tobytes()
+            del array
+    if collect:
+        import gc
+
+        gc.collect()  # graph copies left by constant folding (reference cycles) still hold the moved arrays
     model.ir_version = like.ir_version
     del model.opset_import[:]
     model.opset_import.extend(like.opset_import)
@@ -181,6 +199,35 @@ def from_gs(graph: Any, like: onnx.ModelProto) -> onnx.ModelProto:
     del model.functions[:]
     model.functions.extend(like.functions)
     return model
+
+
+_RAW_KINDS = "fiub"
+
+
+def _stub_big_constants(graph: Any) -> dict[str, Any]:
+    """Swap the values of big in-memory constants of the main graph for data-less TensorProto stubs; returns
+    name -> array (the caller writes each into the exported initializer, then drops it)."""
+    import numpy as np
+    import onnx
+    import onnx_graphsurgeon as gs
+    from onnx import helper
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    moved: dict[str, Any] = {}
+    for tensor in graph.tensors().values():
+        values = getattr(tensor, "_values", None)
+        if not isinstance(tensor, gs.Constant) or not isinstance(values, np.ndarray):
+            continue
+        if values.nbytes < LAZY_MIN_BYTES or values.dtype.kind not in _RAW_KINDS or tensor.name in moved:
+            continue
+        try:
+            data_type = helper.np_dtype_to_tensor_dtype(values.dtype)
+        except Exception:
+            continue
+        stub = onnx.TensorProto(name=tensor.name, data_type=data_type, dims=list(values.shape))
+        moved[tensor.name] = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+        tensor._values = LazyValues(stub)
+    return moved
 
 
 def fold_and_clean(graph: Any, fold: bool = True) -> Any:
@@ -280,15 +327,60 @@ def _restore_hidden(graph: Any, hidden: list[tuple[Any, Any, list[Any]]]) -> Non
 
 
 def infer_shapes(model: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
-    """onnx shape inference with data propagation; on failure returns the model unchanged (unless strict)."""
+    """onnx shape inference with data propagation; on failure returns the model unchanged (unless strict).
+
+    A model holding big tensors in memory is inferred as a skeleton (those tensors without their bytes) and
+    gets them back afterwards: onnx would otherwise serialize and parse it whole, twice.
+    """
     import onnx
 
+    skeleton, big = _skeleton(model)
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=strict, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=strict, data_prop=True)
     except Exception:
         if strict:
             raise
         return model
+    if big:
+        inferred.graph.ClearField("initializer")
+        inferred.graph.initializer.extend(model.graph.initializer)
+    return inferred
+
+
+def _skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """(model, False), or, when top-level initializers of LAZY_MIN_BYTES or more are inline, (a copy with those
+    initializers reduced to name, type and shape, True)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    big = {i for i, t in enumerate(model.graph.initializer)
+           if not uses_external_data(t) and t.ByteSize() >= LAZY_MIN_BYTES}
+    if not big:
+        return model, False
+    skeleton = onnx.ModelProto()
+    for descriptor, value in model.ListFields():
+        if descriptor.name != "graph":
+            _copy_field(skeleton, descriptor, value)
+    for descriptor, value in model.graph.ListFields():
+        if descriptor.name != "initializer":
+            _copy_field(skeleton.graph, descriptor, value)
+    for index, tensor in enumerate(model.graph.initializer):
+        if index in big:
+            stub = skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+            stub.external_data.add(key="location", value="trtkit-skeleton")  # never read: no data needed
+            stub.data_location = onnx.TensorProto.EXTERNAL
+        else:
+            skeleton.graph.initializer.add().CopyFrom(tensor)
+    return skeleton, True
+
+
+def _copy_field(target: Any, descriptor: Any, value: Any) -> None:
+    if hasattr(value, "extend"):  # repeated field
+        getattr(target, descriptor.name).extend(value)
+    elif hasattr(value, "CopyFrom"):  # message field
+        getattr(target, descriptor.name).CopyFrom(value)
+    else:
+        setattr(target, descriptor.name, value)
 
 
 def has_control_flow(model: onnx.ModelProto) -> bool:

@@ -165,8 +165,8 @@ class ModelArtifact:
         path = Path(path)
         if external_data is None:
             external_data = self.has_external_data() or self.weight_bytes() > EXTERNAL_DATA_THRESHOLD
-        model = self._with_metadata()
         if not external_data:
+            model = self._with_metadata()
             if self.weight_bytes() >= PROTOBUF_LIMIT:
                 raise OptionError(
                     f"{path}: the weights ({self.weight_bytes()} bytes) exceed the 2 GB protobuf limit; "
@@ -180,18 +180,41 @@ class ModelArtifact:
         data_path = path.parent / (path.name + ".data")
         # The data file is listed first: it is renamed into place just before the model that references it,
         # both with signals held back, so the pair on disk always matches.
+        # The copy that is written leaves out the bytes of the big inline tensors (they are streamed from this
+        # artefact's own tensors): a model holding a gigabyte of new weights is not copied whole to be saved.
+        model = self._with_metadata(skeleton=True)
         with atomic_paths([data_path, path]) as (tmp_data, tmp_model):
-            model = self._externalized(model, tmp_data, data_path.name)
+            model = self._externalized(model, tmp_data, data_path.name, originals=self.model)
             onnx.save_model(model, str(tmp_model))
         self._repoint_if_overwritten(model, path, data_path)
         return path
 
-    def _with_metadata(self) -> onnx.ModelProto:
-        """A copy of the model with metadata_props updated."""
+    def _with_metadata(self, skeleton: bool = False) -> onnx.ModelProto:
+        """A copy of the model with metadata_props updated.
+
+        skeleton: top-level initializers with inline bytes of EXTERNAL_MIN_BYTES or more are copied without
+        their `raw_data` (for `_externalized(..., originals=self.model)`, which reads them from here).
+        """
         import onnx
 
         model = onnx.ModelProto()
-        model.CopyFrom(self.model)
+        if skeleton:
+            for descriptor, value in self.model.ListFields():
+                if descriptor.name != "graph":
+                    _copy_field(model, descriptor, value)
+            for descriptor, value in self.model.graph.ListFields():
+                if descriptor.name != "initializer":
+                    _copy_field(model.graph, descriptor, value)
+            for tensor in self.model.graph.initializer:
+                copy = model.graph.initializer.add()
+                if tensor.HasField("raw_data") and tensor.ByteSize() >= EXTERNAL_MIN_BYTES:
+                    for descriptor, value in tensor.ListFields():
+                        if descriptor.name != "raw_data":
+                            _copy_field(copy, descriptor, value)
+                else:
+                    copy.CopyFrom(tensor)
+        else:
+            model.CopyFrom(self.model)
         kept = [(p.key, p.value) for p in model.metadata_props if p.key != METADATA_KEY]
         del model.metadata_props[:]
         for key, value in kept:
@@ -213,16 +236,39 @@ class ModelArtifact:
                 tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
         return model
 
-    def _externalized(self, model: onnx.ModelProto, data_path: Path, data_name: str) -> onnx.ModelProto:
+    def _externalized(self, model: onnx.ModelProto, data_path: Path, data_name: str,
+                      originals: onnx.ModelProto | None = None) -> onnx.ModelProto:
         """Stream tensors into data_path, one at a time: every tensor already external (wherever it sits in
-        the model), and every top-level initializer of at least EXTERNAL_MIN_BYTES."""
+        the model), and every top-level initializer of at least EXTERNAL_MIN_BYTES.
+
+        originals: the model `model` is a skeleton of (see `_with_metadata`): tensor bytes are read from it.
+        """
         from onnx import numpy_helper
         from onnx.external_data_helper import uses_external_data
 
         top_level = len(model.graph.initializer)
         offset = 0
+        tensors = list(_all_tensors(model))
+        sources = list(_all_tensors(originals)) if originals is not None else tensors
+        if len(sources) != len(tensors):
+            raise ValueError("_externalized: the model is not a skeleton of `originals`")
         with open(data_path, "wb") as out:
-            for index, tensor in enumerate(_all_tensors(model)):
+            for index, (tensor, source_tensor) in enumerate(zip(tensors, sources, strict=True)):
+                if tensor is not source_tensor and source_tensor.HasField("raw_data") and \
+                        not tensor.HasField("raw_data"):
+                    if len(source_tensor.raw_data) < EXTERNAL_MIN_BYTES or index >= top_level or \
+                            tensor.data_type == _string_type():
+                        tensor.raw_data = source_tensor.raw_data  # stays inline: give it its bytes back
+                    else:
+                        raw = source_tensor.raw_data
+                        out.write(raw)
+                        _set_external(tensor, data_name, offset, len(raw))
+                        offset += len(raw)
+                        del raw
+                        pad = (-offset) % _ALIGN
+                        out.write(b"\0" * pad)
+                        offset += pad
+                        continue
                 if uses_external_data(tensor):
                     info = _external_info(tensor)
                     source = self._source_file(tensor)
@@ -276,6 +322,16 @@ class ModelArtifact:
                 old.data_location = new.data_location
         self.base_dir = path.parent
         self.source = path
+
+
+def _copy_field(target: Any, descriptor: Any, value: Any) -> None:
+    """Copy one field (as returned by ListFields) into `target`."""
+    if hasattr(value, "extend"):  # repeated
+        getattr(target, descriptor.name).extend(value)
+    elif hasattr(value, "CopyFrom"):  # message
+        getattr(target, descriptor.name).CopyFrom(value)
+    else:
+        setattr(target, descriptor.name, value)
 
 
 def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
     from .model import ModelArtifact
 
-# An artefact with external data whose in-memory (inline) tensors exceed this goes to onnxruntime through a
-# temporary external-data copy rather than a serialized protobuf (see session()).
+# An artefact whose in-memory (inline) tensors exceed this goes to onnxruntime through a temporary
+# external-data copy rather than a serialized protobuf (see session()).
 INLINE_SESSION_BYTES = 256 << 20
 
 _ONNX_TO_NUMPY = {
@@ -135,13 +135,9 @@ def session(
     )
     if extra_outputs:
         artifact = with_outputs(artifact, extra_outputs)
-    from .model import EXTERNAL_DATA_THRESHOLD
-
     # External weights are read by onnxruntime where they are (no copy, memory-mapped): the protobuf goes in
     # memory with the data folder named in the session config. Small external tensors are put inline first
-    # (onnx shape inference inside onnxruntime cannot read shape tensors from external data). When much of
-    # the model is in memory too (a pass rewrote big weights), serializing would hold it three times over:
-    # such models are streamed to a temporary external-data file instead (below).
+    # (onnx shape inference inside onnxruntime cannot read shape tensors from external data).
     inline = _inline_bytes(artifact)
     if artifact.has_external_data() and artifact.base_dir is not None and inline <= INLINE_SESSION_BYTES:
         from .graph import editable
@@ -150,10 +146,12 @@ def session(
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(Path(artifact.base_dir).resolve()))
         return _make_session(ort, model_bytes, options, providers, artifact.source)
-    # A protobuf cannot hold more than 2 GB: such models go through a temporary external-data file.
-    if artifact.has_external_data() or inline > EXTERNAL_DATA_THRESHOLD:
+    # Much in memory (a big model, or a pass rewrote big weights): serialized, onnxruntime would hold it three
+    # times over (and a protobuf cannot pass 2 GB). Such models are streamed into a temporary external-data
+    # file, which onnxruntime maps.
+    if artifact.has_external_data() or inline > INLINE_SESSION_BYTES:
         with tempfile.TemporaryDirectory(prefix="trtkit-") as folder:
-            path = artifact.save(Path(folder) / "model.onnx")
+            path = artifact.save(Path(folder) / "model.onnx", external_data=True)
             return _make_session(ort, str(path), options, providers, artifact.source)
     return _make_session(ort, artifact.model.SerializeToString(), options, providers, artifact.source)
 

@@ -34,7 +34,7 @@ def _rewrite(artifact: ModelArtifact, rewrite: Callable[[Any], Any], fold: bool 
     graph = to_gs(model, artifact.base_dir)
     rewrite(graph)
     fold_and_clean(graph, fold=fold)
-    new_model = from_gs(graph, model)
+    new_model = from_gs(graph, model, move_big=True)
     return ModelArtifact(new_model, artifact.base_dir, dict(artifact.metadata), artifact.source)
 
 
@@ -385,7 +385,7 @@ def simplify(artifact: ModelArtifact, fold: bool = True, input_shapes: dict[str,
         fold_and_clean(graph, fold=False)
         if not changed and len(graph.nodes) == before:
             break
-    new_model = from_gs(graph, model)
+    new_model = from_gs(graph, model, move_big=True)
     if infer:
         new_model = infer_shapes(new_model)
     metadata = dict(artifact.metadata)
