@@ -68,6 +68,14 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         sess = session(model)
         for feeds in _batches(data, input_name, BATCH):
             sess.run(None, feeds)
+    elif kind == "exposed":  # the floor of any calibrator on onnxruntime: the observed tensors as outputs
+        from trtkit.calibration import tensors_to_observe
+        from trtkit.runtime import session
+
+        observed = [n for n in tensors_to_observe(onnx.load(model)) if n != input_name]
+        sess = session(model, extra_outputs=observed)
+        for feeds in _batches(data, input_name, BATCH):
+            sess.run(observed, feeds)
     elif kind.startswith("trtkit-"):
         import trtkit
 
@@ -247,8 +255,8 @@ def main(argv: list[str] | None = None) -> None:
             if not n:
                 continue
             data = str(folder / f"{name}_calib{n}.npy")
-            for kind in ["fp32", *tools]:
-                if n == args.large and kind not in large_kinds:
+            for kind in ["fp32", "exposed", *tools]:
+                if (n == args.large and kind not in large_kinds) or (kind == "exposed" and n != args.samples):
                     continue
                 output = str(folder / f"{name}_{kind}_{n}.onnx")
                 results[(kind, n)] = run_repeated({"kind": kind, "model": str(info["path"]), "data": data,
@@ -283,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
         memory_rows.append([name, "fp32 inference", fmt(fp32_small.get("rss_mb"), 0), fmt(fp32_big.get("rss_mb"), 0),
                             "", fmt(fp32_huge.get("rss_mb"), 0), ""])
         speed_rows.append([name, "fp32 inference", fmt(fp32, 2), "1.00", "1.00"])
+        exposed = results[("exposed", args.samples)].get("seconds")
+        speed_rows.append([name, "fp32, observed tensors as outputs, no statistics", fmt(exposed, 2),
+                           fmt(exposed / fp32, 2) if exposed and fp32 else "-", ""])
 
     from benchmarks._report import markdown_table, write_section
 
@@ -297,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
         "WeightSymmetric)` with its default calibrator options.",
         "### Wall time (ratio to plain FP32 onnxruntime inference over the same samples; target <= 1.3 for "
         "calibration)",
+        "The row 'observed tensors as outputs, no statistics' is onnxruntime alone (all cores) returning the "
+        "tensors a calibrator must observe: the floor of any calibrator built on onnxruntime. On these "
+        "NCHWc-optimized CNNs onnxruntime then reorders every exposed tensor back to NCHW.",
         markdown_table(["model", "tool", "calibrate + quantize s", "calibration / fp32", "total / fp32"], speed_rows),
         f"### Peak RSS (MB) at N = {args.small}, {args.samples} and {args.large} (target: ratio <= 1.1)",
         f"N = {args.small} is a single batch of {BATCH}. trtkit runs a dynamic-batch model in slices of each batch "
