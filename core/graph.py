@@ -353,6 +353,8 @@ def _skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     import onnx
     from onnx.external_data_helper import uses_external_data
 
+    from .model import _copy_field
+
     big = {i for i, t in enumerate(model.graph.initializer)
            if not uses_external_data(t) and t.ByteSize() >= LAZY_MIN_BYTES}
     if not big:
@@ -372,15 +374,6 @@ def _skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         else:
             skeleton.graph.initializer.add().CopyFrom(tensor)
     return skeleton, True
-
-
-def _copy_field(target: Any, descriptor: Any, value: Any) -> None:
-    if hasattr(value, "extend"):  # repeated field
-        getattr(target, descriptor.name).extend(value)
-    elif hasattr(value, "CopyFrom"):  # message field
-        getattr(target, descriptor.name).CopyFrom(value)
-    else:
-        setattr(target, descriptor.name, value)
 
 
 def has_control_flow(model: onnx.ModelProto) -> bool:
