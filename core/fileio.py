@@ -13,6 +13,7 @@ of a bare temporary file; replacing an existing file keeps that file's permissio
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -23,6 +24,17 @@ from pathlib import Path
 from typing import IO, Any
 
 TEMP_SUFFIX = ".tmp"
+# Temporary files not yet renamed or removed. A signal can land between a context manager's yield and the
+# start of the `with` body, where no cleanup is registered yet: the interpreter then exits without closing the
+# generator, so these are also removed at exit.
+_LIVE_TEMPS: set[Path] = set()
+
+
+@atexit.register
+def _remove_live_temps() -> None:
+    for tmp in list(_LIVE_TEMPS):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _default_mode() -> int:
@@ -49,6 +61,7 @@ def _new_temp(target: Path, suffix: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
+    _LIVE_TEMPS.add(Path(tmp_name))
     return Path(tmp_name)
 
 
@@ -102,6 +115,7 @@ def atomic_paths(targets: Sequence[str | os.PathLike[str]], suffix: str = "") ->
         for tmp in temps:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+            _LIVE_TEMPS.discard(tmp)
 
 
 @contextlib.contextmanager
