@@ -29,6 +29,10 @@ LAZY_MIN_BYTES = 1 << 20
 # Constant folding evaluates subgraphs in onnxruntime: lazy weights up to this size are read for it; a
 # foldable subgraph that reads a larger one is left unfolded (it would pull the weight into memory twice).
 FOLD_SIZE_THRESHOLD = 64 << 20
+# At most this many bytes of lazy weights are read for one folding round (onnxruntime holds what it folds
+# several times over); foldable subgraphs reading further lazy weights wait for the next round or stay as
+# they are. A Transpose of a lazy weight is folded in numpy instead, one weight at a time, without limit.
+FOLD_LOAD_BUDGET = 256 << 20
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -303,11 +307,17 @@ def _prepare_lazy_for_folding(graph: Any) -> list[tuple[Any, Any, list[Any]]]:
                 lazy.setdefault(id(tensor), tensor)
     if not lazy:
         return []
+    for tensor in list(lazy.values()):
+        if _transpose_lazy(tensor, graphs):
+            del lazy[id(tensor)]
     foldable = _foldable_nodes(graphs)
     hidden = []
+    budget = FOLD_LOAD_BUDGET
     for tensor in lazy.values():
-        if any(id(node) in foldable for node in tensor.outputs) and tensor._values.nbytes <= FOLD_SIZE_THRESHOLD:
+        size = tensor._values.nbytes
+        if any(id(node) in foldable for node in tensor.outputs) and size <= min(FOLD_SIZE_THRESHOLD, budget):
             tensor.values = tensor._values.load()
+            budget -= size
             continue
         placeholder = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
         redirect_consumers(tensor, placeholder)
@@ -316,6 +326,33 @@ def _prepare_lazy_for_folding(graph: Any) -> list[tuple[Any, Any, list[Any]]]:
             sub.outputs[i] = placeholder
         hidden.append((tensor, placeholder, outputs))
     return hidden
+
+
+def _transpose_lazy(tensor: Any, graphs: list[Any]) -> bool:
+    """Fold Transpose nodes whose only input is the lazy weight `tensor` in numpy (their outputs become
+    constants; the weight is read once). True when that leaves `tensor` unused."""
+    import numpy as np
+
+    consumers = [node for node in tensor.outputs if node.op == "Transpose" and len(node.inputs) == 1
+                 and len(node.outputs) == 1 and node.domain in (None, "", "ai.onnx")]
+    if not consumers:
+        return False
+    outputs = {id(out) for sub in graphs for out in sub.outputs}
+    consumers = [node for node in consumers if id(node.outputs[0]) not in outputs]
+    if not consumers:
+        return False
+    values = tensor._values.load()
+    for node in consumers:
+        perm = node.attrs.get("perm")
+        if perm is None:
+            perm = list(reversed(range(values.ndim)))
+        if sorted(int(p) for p in perm) != list(range(values.ndim)):
+            continue  # invalid permutation: leave the node to onnxruntime (which will refuse it)
+        out = node.outputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        out.to_constant(np.ascontiguousarray(np.transpose(values, [int(p) for p in perm])))
+    return not tensor.outputs
 
 
 def _restore_hidden(graph: Any, hidden: list[tuple[Any, Any, list[Any]]]) -> None:

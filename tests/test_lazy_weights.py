@@ -28,9 +28,11 @@ LAZY = graph_utils.LAZY_MIN_BYTES
 
 
 def lazy_model() -> onnx.ModelProto:
-    """Conv(W1 1.1 MiB)+BN -> Relu -> Conv(W2 2.3 MiB) -> pool -> MatMul(Transpose(WT 1 MiB)) + Mul(c1, c2).
+    """Conv(W1 1.1 MiB)+BN -> Relu -> Conv(W2 2.3 MiB) -> pool -> MatMul(Transpose(WT 1 MiB))
+    + MatMul(Neg(WN 1 MiB)) + Mul(c1, c2).
 
-    BN folding rewrites W1; W2 is never touched; Transpose(WT) is foldable; Mul(c1, c2) is a small fold.
+    BN folding rewrites W1; W2 is never touched; Transpose(WT) is folded in numpy, Neg(WN) by onnxruntime
+    (a lazy weight read for folding); Mul(c1, c2) is a small fold.
     """
     rng = np.random.default_rng(7)
 
@@ -46,6 +48,7 @@ def lazy_model() -> onnx.ModelProto:
         const("var", rng.uniform(0.5, 2.0, 256).astype(np.float32)),
         const("W2", (rng.standard_normal((256, 256, 3, 3)) / 48).astype(np.float32)),
         const("WT", (rng.standard_normal((1024, 256)) / 16).astype(np.float32)),
+        const("WN", (rng.standard_normal((256, 1024)) / 16).astype(np.float32)),
         const("c1", rng.normal(0, 1, 1024).astype(np.float32)),
         const("c2", rng.normal(0, 1, 1024).astype(np.float32)),
     ]
@@ -58,8 +61,11 @@ def lazy_model() -> onnx.ModelProto:
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Transpose", ["WT"], ["w_t"], perm=[1, 0], name="transpose"),
         helper.make_node("MatMul", ["f", "w_t"], ["m"], name="matmul"),
+        helper.make_node("Neg", ["WN"], ["w_n"], name="neg"),
+        helper.make_node("MatMul", ["f", "w_n"], ["m2"], name="matmul2"),
+        helper.make_node("Add", ["m", "m2"], ["mm"], name="add_mm"),
         helper.make_node("Mul", ["c1", "c2"], ["bias"], name="bias_mul"),
-        helper.make_node("Add", ["m", "bias"], ["y"], name="add"),
+        helper.make_node("Add", ["mm", "bias"], ["y"], name="add"),
     ]
     graph = helper.make_graph(
         nodes, "lazy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 128, 6, 6])],
@@ -103,26 +109,26 @@ def test_the_model_really_has_lazy_weights(sources):
     art = ModelArtifact.load(sources["external"])
     sizes = {t.name: int(next(e.value for e in t.external_data if e.key == "length"))
              for t in art.model.graph.initializer if uses_external_data(t)}
-    assert {name for name, size in sizes.items() if size >= LAZY} == {"W1", "W2", "WT"}
+    assert {name for name, size in sizes.items() if size >= LAZY} == {"W1", "W2", "WT", "WN"}
     # editable(): the small external tensors come inline, the big ones stay references
     model = graph_utils.editable(art)
     external = {t.name for t in model.graph.initializer if uses_external_data(t)}
-    assert external == {"W1", "W2", "WT"}
+    assert external == {"W1", "W2", "WT", "WN"}
 
 
 def test_passes_read_only_the_weights_they_rewrite(sources):
     before = {p: sha(p) for p in sources["external"].parent.iterdir()}
     result = optimize(sources["external"], dims={"n": 2})
     art = result.artifact
-    assert "BatchNormalization" not in ops(art) and "Transpose" not in ops(art) and "Mul" not in ops(art)
+    assert not {"BatchNormalization", "Transpose", "Neg", "Mul"} & set(ops(art))
     # W2 was never read: still a reference into the input's data file, found through the result's base_dir
     w2 = initializer(art, "W2")
     assert uses_external_data(w2) and not w2.raw_data
     assert art.base_dir == sources["external"].parent
     np.testing.assert_array_equal(art.tensor("W2"), ModelArtifact.load(sources["external"]).tensor("W2"))
-    # W1 (BN folded into it) and WT (Transpose folded) became new in-memory tensors
+    # W1 (BN folded into it), WT and WN (Transpose, Neg folded) became new in-memory tensors
     names = {t.name for t in art.model.graph.initializer}
-    assert "W1" not in names and "WT" not in names
+    assert not {"W1", "WT", "WN"} & names
     assert not any(uses_external_data(t) for t in art.model.graph.initializer if t.name != "W2")
     # numerically the same model, checked per pass and overall
     assert all(r.checked == "onnxruntime" for r in result.reports)
@@ -164,12 +170,23 @@ def test_lazy_outputs_are_byte_identical_across_runs(sources, tmp_path):
 def test_folding_leaves_a_lazy_weight_over_the_threshold_unread(sources, monkeypatch):
     """A foldable subgraph reading a lazy weight above FOLD_SIZE_THRESHOLD is left as it is; the rest of the
     graph still folds (the weight is hidden from the folder, not a reason to give up folding)."""
-    monkeypatch.setattr(graph_utils, "FOLD_SIZE_THRESHOLD", 512 << 10)  # WT is 1 MiB
+    monkeypatch.setattr(graph_utils, "FOLD_SIZE_THRESHOLD", 512 << 10)  # WN is 1 MiB
     result = optimize(sources["external"], dims={"n": 2})
     art = result.artifact
-    assert "Transpose" in ops(art)  # not folded: WT stays on disk
-    assert "Mul" not in ops(art)  # the small Mul(c1, c2) was folded all the same
-    assert uses_external_data(initializer(art, "WT"))
+    assert "Neg" in ops(art)  # not folded: WN stays on disk
+    assert "Mul" not in ops(art) and "Transpose" not in ops(art)  # the other folds happen all the same
+    assert uses_external_data(initializer(art, "WN"))
+    ref, got = outputs(sources["inline"], feeds()), outputs(art, feeds())
+    np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-4, atol=1e-5)
+
+
+def test_fold_load_budget_leaves_the_rest_for_later(sources, monkeypatch):
+    """Over FOLD_LOAD_BUDGET, lazy weights are not read for onnxruntime folding (the Neg stays); the numpy
+    Transpose fold is not limited by it."""
+    monkeypatch.setattr(graph_utils, "FOLD_LOAD_BUDGET", 1000)
+    art = optimize(sources["external"], dims={"n": 2}).artifact
+    assert "Neg" in ops(art) and "Transpose" not in ops(art)
+    assert uses_external_data(initializer(art, "WN"))
     ref, got = outputs(sources["inline"], feeds()), outputs(art, feeds())
     np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-4, atol=1e-5)
 
