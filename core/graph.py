@@ -184,7 +184,7 @@ def from_gs(graph: Any, like: onnx.ModelProto, move_big: bool = False) -> onnx.M
     for tensor in model.graph.initializer:
         array = moved.pop(tensor.name, None)
         if array is not None:
-            tensor.raw_data = array.tobytes()
+            tensor.raw_data = array if isinstance(array, bytes) else array.tobytes()
             del array
     if collect:
         import gc
@@ -210,16 +210,29 @@ _RAW_KINDS = "fiub"
 
 def _stub_big_constants(graph: Any) -> dict[str, Any]:
     """Swap the values of big in-memory constants of the main graph for data-less TensorProto stubs; returns
-    name -> array (the caller writes each into the exported initializer, then drops it)."""
+    name -> array, or bytes for a tensor still in its inline TensorProto (the caller writes each into the
+    exported initializer, then drops it)."""
     import numpy as np
     import onnx
     import onnx_graphsurgeon as gs
     from onnx import helper
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
+    from .model import _copy_field
+
     moved: dict[str, Any] = {}
     for tensor in graph.tensors().values():
         values = getattr(tensor, "_values", None)
+        if isinstance(tensor, gs.Constant) and type(values) is LazyValues and tensor.name not in moved:
+            proto = values.tensor  # an inline initializer nobody read: its bytes are taken as they are
+            if proto.HasField("raw_data") and not proto.external_data and proto.ByteSize() >= LAZY_MIN_BYTES:
+                stub = onnx.TensorProto()
+                for descriptor, value in proto.ListFields():
+                    if descriptor.name != "raw_data":
+                        _copy_field(stub, descriptor, value)
+                moved[tensor.name] = proto.raw_data
+                tensor._values = LazyValues(stub)
+            continue
         if not isinstance(tensor, gs.Constant) or not isinstance(values, np.ndarray):
             continue
         if values.nbytes < LAZY_MIN_BYTES or values.dtype.kind not in _RAW_KINDS or tensor.name in moved:

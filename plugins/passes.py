@@ -25,12 +25,15 @@ if TYPE_CHECKING:
 
 
 # ---- plumbing ----------------------------------------------------------------------------------------------
-def _rewrite(artifact: ModelArtifact, rewrite: Callable[[Any], Any], fold: bool = True) -> ModelArtifact:
-    """Run `rewrite(graph)` on a graphsurgeon copy of the model, refold, and wrap the result as a new artefact."""
+def _rewrite(artifact: ModelArtifact, rewrite: Callable[[Any], Any], fold: bool = True,
+             model: Any = None) -> ModelArtifact:
+    """Run `rewrite(graph)` on a graphsurgeon copy of the model (or of `model`, an editable copy of it made by
+    the caller), refold, and wrap the result as a new artefact."""
     from trtkit.graph import editable, fold_and_clean, from_gs, to_gs
     from trtkit.model import ModelArtifact
 
-    model = editable(artifact)  # big external weights stay on disk unless the rewrite reads them
+    if model is None:
+        model = editable(artifact)  # big external weights stay on disk unless the rewrite reads them
     graph = to_gs(model, artifact.base_dir)
     rewrite(graph)
     fold_and_clean(graph, fold=fold)
@@ -589,14 +592,12 @@ def optimize(artifact: ModelArtifact, fold_bn: bool = True, fold_affine: bool = 
             if not total:
                 break
 
-    base = artifact
-    if any(not v.type.tensor_type.HasField("shape") for v in artifact.model.graph.value_info) or not len(
-            artifact.model.graph.value_info):
-        from trtkit.model import ModelArtifact
-
-        base = ModelArtifact(infer_shapes(editable(artifact)), artifact.base_dir, dict(artifact.metadata),
-                             artifact.source)
-    result = _rewrite(base, rewrite)
+    model = editable(artifact)
+    if any(not v.type.tensor_type.HasField("shape") for v in model.graph.value_info) or not len(
+            model.graph.value_info):
+        model = infer_shapes(model)
+    result = _rewrite(artifact, rewrite, model=model)
+    del model
     result.model = infer_shapes(result.model)
     return result
 
