@@ -87,6 +87,37 @@ def _sole_consumer(tensor: Any, graph: Any) -> Any:
     return tensor.outputs[0]
 
 
+def _channel_permutation(node: Any, tensor: Any, graph: Any, channels: int | None) -> Any:
+    """The channel order `node` gives `tensor` ([N, C, H, W]) when it only permutes channels: a Gather on
+    axis 1 with constant indices, or a Slice on axis 1 with constant bounds (x[:, ::-1]) that keeps every
+    channel; else None. new[:, i] = old[:, order[i]]."""
+    import numpy as np
+
+    if channels is None or not node.inputs or node.inputs[0] is not tensor:
+        return None
+    if node.op == "Gather" and len(node.inputs) == 2 and int(node.attrs.get("axis", 0)) in (1, -3):
+        indices = _const(graph, node.inputs[1])
+        if indices is None or np.asarray(indices).ndim != 1 or np.asarray(indices).dtype.kind not in "iu":
+            return None
+        order = np.asarray(indices, np.int64) % channels
+    elif node.op == "Slice" and 3 <= len(node.inputs) <= 5:
+        bounds = [_const(graph, t) for t in node.inputs[1:]]
+        if any(value is None for value in bounds):
+            return None
+        starts, ends, *rest = (np.asarray(value, np.int64).reshape(-1) for value in bounds)
+        axes = rest[0] if rest else np.arange(len(starts))
+        steps = rest[1] if len(rest) > 1 else np.ones(len(starts), np.int64)
+        if len(starts) != 1 or int(axes[0]) not in (1, -3):
+            return None
+        end = int(ends[0])
+        order = np.arange(channels)[slice(int(starts[0]), end, int(steps[0]))]  # ONNX clamps like Python
+    else:
+        return None
+    if sorted(order.tolist()) != list(range(channels)):
+        return None
+    return order
+
+
 def _channel_vector(value: Any, channels: int, ndim: int, axis: int = 1) -> Any:
     """A constant broadcast over a [N, C, ...] tensor as a per-channel vector of length C, or None if it is not."""
     import numpy as np
@@ -654,13 +685,22 @@ def fuse_preprocess(artifact: ModelArtifact, input: str | None = None, scale: An
                 f"({len(float_inputs)} float 4-D inputs); set option 'input'"
             )
         channels = x.shape[1] if isinstance(x.shape[1], int) and x.shape[1] > 0 else None
-        # 1. the model's own leading per-channel affine chain
+        # 1. the model's own leading chain of per-channel affine ops and channel permutations (BGR<->RGB as
+        # Gather or reversing Slice): after it, channel i is a_g[i] * x[:, order[i]] + b_g[i]
         a_g: Any = np.ones(1)
         b_g: Any = np.zeros(1)
+        order = np.arange(channels or 1)
         chain: list[Any] = []
         tensor = x
         while True:
             node = _sole_consumer(tensor, graph)
+            picked = _channel_permutation(node, tensor, graph, channels) if node is not None else None
+            if picked is not None:
+                a_g, b_g = np.broadcast_to(a_g, (len(picked),))[picked], np.broadcast_to(b_g, (len(picked),))[picked]
+                order = order[picked]
+                chain.append(node)
+                tensor = node.outputs[0]
+                continue
             if node is None or node.op not in ("Mul", "Div", "Add", "Sub") or len(node.inputs) != 2:
                 break
             operand = 1 if node.inputs[0] is tensor else 0
@@ -700,9 +740,9 @@ def fuse_preprocess(artifact: ModelArtifact, input: str | None = None, scale: An
             raise OptionError("fuse-preprocess: 'scale' and 'std' must be non-zero")
         if swap_rb and channels != 3:
             raise OptionError(f"fuse-preprocess: swap_rb needs 3 channels, input '{x.name}' has {channels}")
-        perm = np.array([2, 1, 0]) if swap_rb else np.arange(channels)
-        a = np.broadcast_to(a_g, (channels,)) * s / d
-        b = np.broadcast_to(a_g, (channels,)) * (-m / d) + np.broadcast_to(b_g, (channels,))
+        perm = (np.array([2, 1, 0]) if swap_rb else np.arange(channels))[order]  # raw channel of each input
+        a = np.broadcast_to(a_g, (channels,)) * (s / d)[order]
+        b = np.broadcast_to(a_g, (channels,)) * (-m / d)[order] + np.broadcast_to(b_g, (channels,))
         if np.any(a == 0):
             raise OptionError("fuse-preprocess: the preprocessing multiplies a channel by 0; nothing to fold")
         consumers = list(tensor.outputs)
@@ -790,6 +830,7 @@ def fuse_preprocess(artifact: ModelArtifact, input: str | None = None, scale: An
             "input": x.name, "channels": int(channels), "graph_ops": [n.op for n in chain],
             "scale": [float(v) for v in s], "mean": [float(v) for v in m], "std": [float(v) for v in d],
             "swap_rb": bool(swap_rb), "folded_into": folded, "input_dtype": input_dtype,
+            "graph_channel_order": [int(v) for v in order],
             "raw_to_model_scale": [float(v) for v in a], "raw_to_model_offset": [float(v) for v in b],
         })
 

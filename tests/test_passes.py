@@ -388,6 +388,64 @@ def test_fuse_preprocess_refuses_per_channel_mean_before_padding(rng):
     assert ops(result.artifact) == ["Pad", "Conv"]
 
 
+def _swap_then_conv(rng, swap_nodes, affine, pads):
+    """x -> channel swap (given nodes, output "s") -> per-channel affine -> Conv -> Relu."""
+    inits = [const("w", rng.normal(0, 0.2, (4, 3, 3, 3)).astype(np.float32)),
+             const("b", rng.normal(0, 0.1, 4).astype(np.float32))]
+    nodes, previous = list(swap_nodes), "s"
+    for index, (op, vector) in enumerate(affine):
+        inits.append(const(f"k{index}", np.asarray(vector, np.float32).reshape(1, 3, 1, 1)))
+        nodes.append(helper.make_node(op, [previous, f"k{index}"], [f"a{index}"]))
+        previous = f"a{index}"
+    nodes += [helper.make_node("Conv", [previous, "w", "b"], ["c"], pads=pads, name="stem"),
+              helper.make_node("Relu", ["c"], ["y"])]
+    return nodes, inits
+
+
+def test_fuse_preprocess_folds_an_in_graph_channel_swap(rng):
+    """x[:, [2, 1, 0]] as a Gather, then per-channel mean/std: all of it goes into the Conv, exactly."""
+    nodes, inits = _swap_then_conv(rng, [helper.make_node("Gather", ["x", "idx"], ["s"], axis=1)],
+                                   [("Sub", [0.4, 0.5, 0.6]), ("Div", [0.2, 0.25, 0.3])], pads=[0, 0, 0, 0])
+    inits.append(const("idx", np.array([2, 1, 0], np.int64)))
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    result = optimize(ModelArtifact.from_model(model), ["fuse-preprocess"])
+    assert ops(result.artifact) == ["Conv", "Relu"]
+    info = result.artifact.metadata["preprocess"]
+    assert info["graph_ops"] == ["Gather", "Sub", "Div"] and info["graph_channel_order"] == [2, 1, 0]
+    x = np.random.default_rng(3).uniform(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(outputs(result.artifact, {"x": x})["y"], outputs(model, {"x": x})["y"],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_fuse_preprocess_in_graph_flip_and_declared_swap_cancel(rng):
+    """x[:, ::-1] as a reversing Slice in the model, and the camera's BGR declared: the swaps cancel, the
+    uniform mean goes through a raw-value Pad of the padded Conv."""
+    bounds = [const("st", np.array([-1], np.int64)), const("en", np.array([-(2**63)], np.int64)),
+              const("ax", np.array([1], np.int64)), const("sp", np.array([-1], np.int64))]
+    nodes, inits = _swap_then_conv(rng, [helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["s"])],
+                                   [("Mul", [2.0, 3.0, 4.0])], pads=[1, 1, 1, 1])
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits + bounds)
+    options = {"scale": [1 / 255], "mean": [0.5], "swap_rb": True}
+    result = optimize(ModelArtifact.from_model(model), [("fuse-preprocess", options)])
+    assert ops(result.artifact) == ["Pad", "Conv", "Relu"]
+    assert result.artifact.metadata["preprocess"]["graph_channel_order"] == [2, 1, 0]
+    raw = np.random.default_rng(4).uniform(0, 255, (1, 3, 8, 8)).astype(np.float32)
+    old = outputs(model, {"x": (raw[:, ::-1] / 255 - 0.5).astype(np.float32)})["y"]
+    np.testing.assert_allclose(outputs(result.artifact, {"x": raw})["y"], old, rtol=1e-4, atol=1e-4)
+
+
+def test_fuse_preprocess_leaves_a_channel_subset_alone(rng):
+    """A Gather keeping 2 of 3 channels is not a permutation: nothing to fold, a clear refusal."""
+    nodes, inits = _swap_then_conv(rng, [helper.make_node("Gather", ["x", "idx"], ["s"], axis=1)], [], [0] * 4)
+    inits.append(const("idx", np.array([2, 1, 1], np.int64)))
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    with pytest.raises(OptionError, match="Gather"):
+        optimize(ModelArtifact.from_model(model), [("fuse-preprocess", {"scale": [0.5]})])
+
+
 def test_fuse_preprocess_refuses_when_input_does_not_feed_a_conv():
     nodes = [helper.make_node("Relu", ["x"], ["y"])]
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
