@@ -46,6 +46,10 @@ def _check_components(recipe: Recipe) -> None:
         method = calibration.get("method", DEFAULT_METHOD)
         registry.calibrator(method).resolve_options(calibration.get("options", {}),
                                                     where=f"{recipe.path} [calibration] method '{method}'")
+        positions = calibration.get("histogram_positions")
+        if positions is not None and positions < 0:
+            raise OptionError(f"{recipe.path} [calibration] histogram_positions must be >= 0 (0: every value), "
+                              f"got {positions}")
     for item in recipe.section("builders"):
         registry.builder(item["name"]).resolve_options(item.get("options", {}),
                                                        where=f"{recipe.path} [[builders]] '{item['name']}'")

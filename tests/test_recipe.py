@@ -49,6 +49,14 @@ def test_bad_recipe_from_the_cli_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "trtkit-run").exists()
 
 
+def test_negative_histogram_positions_are_refused_before_any_work(tmp_path, digits_onnx):
+    path = write(tmp_path, f'[model]\nonnx = "{digits_onnx}"\n[calibration]\ndata = "c.npy"\n'
+                           'histogram_positions = -1\n')
+    result = run_cli("run", str(path), "-o", str(tmp_path / "run"))
+    assert result.returncode == 2 and "histogram_positions must be >= 0" in result.stderr, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "run").exists()
+
+
 def test_starter_recipes_are_valid(tmp_path, digits_onnx):
     import numpy as np
 
