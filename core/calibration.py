@@ -439,7 +439,7 @@ def collect(
     positions in every sample, evenly spread, so results still do not depend on batching); None = every value.
     min/max are always exact. Histogramming every value is exact but can cost more than the inference itself.
     """
-    from .data import DataFingerprint, DataSource, load_data
+    from .data import DataFingerprint, DataSource, batch_len, load_data
     from .runtime import session
 
     artifact = _artifact(model)
@@ -480,7 +480,7 @@ def collect(
         pending = None
         for feeds in batches:
             fingerprint.update(feeds)
-            total, start = _batch_len(feeds), 0
+            total, start = batch_len(feeds), 0
             while start < total:
                 size = total - start if per_run == 0 else min(per_run or 1, total - start)
                 part = feeds if size == total else {name: value[start:start + size] for name, value in feeds.items()}
@@ -563,11 +563,6 @@ def _dynamic_batch(sess: Any) -> bool:
     """Whether every input's first axis is free (the model can run any number of samples at once)."""
     inputs = sess.get_inputs()
     return bool(inputs) and all(i.shape and not isinstance(i.shape[0], int) for i in inputs)
-
-
-def _batch_len(feeds: Mapping[str, np.ndarray]) -> int:
-    first = next(iter(feeds.values()))
-    return int(first.shape[0]) if first.ndim else 1
 
 
 def _done(value: Any) -> Any:

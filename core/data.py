@@ -139,7 +139,7 @@ class DataSource:
         offset = 0
         for raw in self._make():
             feeds = _validate(raw, self.inputs, self.description, offset)
-            offset += _batch_len(feeds)
+            offset += batch_len(feeds)
             yield feeds
         if offset == 0:
             raise DataError(f"{self.description}: no samples")
@@ -154,7 +154,7 @@ class DataSource:
         return self._first
 
 
-def _batch_len(feeds: Mapping[str, np.ndarray]) -> int:
+def batch_len(feeds: Mapping[str, np.ndarray]) -> int:
     first = next(iter(feeds.values()))
     return int(first.shape[0]) if first.ndim else 1
 
@@ -370,7 +370,7 @@ def _rebatch(items: Iterable[Any], specs: list[TensorSpec], limit: int | None, w
             return
         if limit is not None:
             feeds = _validate(raw, specs, where, seen)
-            n = _batch_len(feeds)
+            n = batch_len(feeds)
             if seen + n > limit:
                 feeds = {k: v[: limit - seen] for k, v in feeds.items()}
                 n = limit - seen
@@ -564,7 +564,7 @@ class DataFingerprint:
             array = np.ascontiguousarray(feeds[name])
             self._layout.setdefault(name, f"{array.dtype.str}{array.shape[1:]}")
             self._hashes[name].update(array.tobytes() if not array.flags.c_contiguous else array.data.cast("B"))
-        self.num_samples += _batch_len(feeds)
+        self.num_samples += batch_len(feeds)
 
     def hexdigest(self) -> str:
         total = hashlib.sha256()
