@@ -58,23 +58,6 @@ def quiet_gs() -> Iterator[Any]:
         logger.severity = previous
 
 
-def materialized(artifact: ModelArtifact) -> onnx.ModelProto:
-    """A copy of the artefact's model with external tensors read into memory (for rewriting)."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    model = onnx.ModelProto()
-    model.CopyFrom(artifact.model)
-    if artifact.has_external_data():
-        from onnx import numpy_helper
-
-        for tensor in model.graph.initializer:
-            if uses_external_data(tensor):
-                array = artifact.tensor(tensor.name)
-                tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
-    return model
-
-
 def editable(artifact: ModelArtifact, inline_below: int | None = None) -> onnx.ModelProto:
     """A copy of the artefact's model for rewriting, external data NOT loaded: only external tensors smaller
     than `inline_below` bytes (default LAZY_MIN_BYTES) are read inline; the others stay references into
