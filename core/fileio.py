@@ -78,16 +78,33 @@ def _finish(tmp: Path, target: Path) -> None:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back for a few renames (POSIX main thread); they are delivered right after."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Hold SIGINT/SIGTERM back for a few steps (main thread); a signal that came meanwhile is handled right after.
+
+    Python-level handlers record the signal instead of blocking it with pthread_sigmask: the process has other
+    threads (OpenBLAS, onnxruntime) that the kernel may deliver the signal to, and Python then still raises in
+    the main thread at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    received: list[tuple[int, Any]] = []
+
+    def record(signum: int, frame: Any) -> None:
+        received.append((signum, frame))
+
+    previous = {signum: signal.signal(signum, record) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if received:
+            signum, frame = received[0]
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                handler(signum, frame)  # e.g. KeyboardInterrupt, or the CLI's SIGTERM handler
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 @contextlib.contextmanager

@@ -329,3 +329,27 @@ def test_signal_during_calibration_keeps_previous_scales_and_cache(tmp_path, sig
     assert proc.returncode != 0 and "KeyboardInterrupt" in stderr
     assert snapshot(out) == before
     assert fileio.temp_files(out) == []
+
+
+def test_signals_are_held_back_even_when_another_thread_receives_them():
+    """The kernel may hand SIGINT to any thread (OpenBLAS, onnxruntime); the deferral must still hold it
+    until the guarded step is done, then raise it."""
+    import threading
+
+    go = threading.Event()
+
+    def receive() -> None:  # a thread started before the guarded step, as library worker threads are
+        go.wait()
+        signal.raise_signal(signal.SIGINT)
+
+    receiver = threading.Thread(target=receive)
+    receiver.start()
+    done = []
+    with pytest.raises(KeyboardInterrupt), fileio._signals_deferred():
+        go.set()
+        receiver.join()
+        for _ in range(10000):  # many bytecode boundaries where Python would raise an unheld signal
+            pass
+        done.append("guarded step finished")
+    assert done == ["guarded step finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
