@@ -59,3 +59,12 @@ def unknown_name(kind: str, name: str, candidates: Iterable[str]) -> UnknownName
     if not hint and candidates and len(candidates) <= 12:
         hint = f" (choices: {', '.join(candidates)})"
     return UnknownNameError(f"unknown {kind} '{name}'{hint}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty.
+
+    Errors shown to users are one line; library exceptions (onnxruntime, TensorRT, torch) carry pages.
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

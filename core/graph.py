@@ -472,3 +472,61 @@ def bypass(node: Any, graph: Any, keep: Any = None) -> bool:
     node.outputs.clear()
     node.inputs.clear()
     return True
+
+
+class GraphIndex:
+    """Producer, consumers and fresh names of one ONNX graph: the index every proto-level rewrite needs.
+
+    producer[name] is the node writing tensor `name`; consumers[name] lists (node, input slot) pairs reading it.
+    Node objects are the graph's own protos, so edits through them land in the model. The index reflects the
+    graph when built; code that rewires tensors updates it with `rewire` or builds a new one.
+    """
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in graph.node:
+            for name in node.output:
+                if name:
+                    self.producer[name] = node
+            for slot, name in enumerate(node.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((node, slot))
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
+        self.inputs = {v.name for v in graph.input}
+        self.outputs = {v.name for v in graph.output}
+        self._used = (set(self.producer) | set(self.initializers) | self.inputs | self.outputs
+                      | {n.name for n in graph.node if n.name})
+
+    def is_constant(self, name: str) -> bool:
+        """An initializer or the output of a Constant node."""
+        return name in self.initializers or name in self.constants
+
+    def is_activation(self, name: str) -> bool:
+        return bool(name) and not self.is_constant(name)
+
+    def readers(self, name: str) -> list[onnx.NodeProto]:
+        return [node for node, _ in self.consumers.get(name, [])]
+
+    def single_use(self, name: str) -> bool:
+        """Read by exactly one node and not a graph output (so rewriting it affects nobody else)."""
+        return len(self.consumers.get(name, [])) == 1 and name not in self.outputs
+
+    def fresh_name(self, base: str) -> str:
+        """A tensor/node name not used anywhere in the graph yet (whitespace becomes '_'); reserved on return."""
+        import re
+
+        base = re.sub(r"\s+", "_", base)
+        name, k = base, 1
+        while name in self._used:
+            name, k = f"{base}_{k}", k + 1
+        self._used.add(name)
+        return name
+
+    def rewire(self, old: str, new: str) -> None:
+        """Make every reader of `old` read `new` instead (graph outputs are renamed by the caller)."""
+        for node, slot in self.consumers.pop(old, []):
+            node.input[slot] = new
+            self.consumers.setdefault(new, []).append((node, slot))

@@ -440,3 +440,21 @@ def _copy_bytes(src: Any, dst: Any, length: int, chunk: int = 64 << 20) -> None:
 
 def load_model(path: str | os.PathLike[str]) -> ModelArtifact:
     return ModelArtifact.load(path)
+
+
+def as_artifact(model: ModelArtifact | onnx.ModelProto | str | os.PathLike[str], what: str = "model") -> ModelArtifact:
+    """The one coercion every stage uses: a ModelArtifact as is, a path loaded, a ModelProto wrapped.
+
+    Anything else is an OptionError naming `what` (the argument or option it came from).
+    """
+    import onnx
+
+    from .errors import OptionError
+
+    if isinstance(model, ModelArtifact):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return ModelArtifact.from_model(model)
+    if isinstance(model, (str, os.PathLike)) and str(model):
+        return ModelArtifact.load(model)
+    raise OptionError(f"{what}: expected an ONNX file, ModelArtifact or ModelProto, got {model!r}")
