@@ -79,7 +79,7 @@ def check(model: str | os.PathLike[str], builder: str = "tensorrt-rtx") -> dict[
     if reason:
         raise BuildError(f"builder '{builder}' is not usable here: {reason}")
     if builder in TRT_BUILDERS:
-        from .trt_common import check_capability
+        from .plugins.tensorrt.parser import check_capability
 
         return check_capability(builder, model)
     from .runtime import session
@@ -100,7 +100,7 @@ def describe(artifact: str | os.PathLike[str]) -> dict[str, Any]:
         raise InputFileError(f"{path}: no such file")
     if path.suffix.lower() == ".onnx":
         return {"artifact": str(path), "kind": "onnx", **ModelArtifact.load(path).metadata}
-    from .trt_common import read_sidecar
+    from .plugins.tensorrt.sidecar import read_sidecar
 
     return {"artifact": str(path), "kind": "engine", **read_sidecar(path)}
 

@@ -118,7 +118,7 @@ def model_input_specs(path: str) -> list[Any] | None:
 
         return input_specs(ModelArtifact.load(path).model)
     try:
-        from .trt_common import read_sidecar
+        from .plugins.tensorrt.sidecar import read_sidecar
 
         info = read_sidecar(path)
         return [TensorSpec(str(t["name"]), str(t.get("dtype", "float32")),

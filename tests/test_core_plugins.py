@@ -15,7 +15,7 @@ from trtkit.registry import load_plugins
 from trtkit.stages import Calibrator, Component, GraphPass, Option
 
 BUILTINS = {
-    "torch_export", "passes", "calibrators", "qdq", "onnxruntime_builder", "tensorrt_builder", "evaluators",
+    "torch_export", "passes", "calibrators", "qdq", "onnxruntime_builder", "tensorrt", "evaluators",
     "jetson", "ptq",
 }
 

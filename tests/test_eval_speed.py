@@ -56,9 +56,9 @@ def test_speed_cli_json_and_emulation_flag(pair):
 
 
 def _gpu_reason() -> str | None:
-    from trtkit import trt_common
+    from trtkit.plugins.tensorrt.module import unavailable_reason
 
-    return trt_common.unavailable_reason("tensorrt")  # None only with full TensorRT and a usable GPU
+    return unavailable_reason("tensorrt")  # None only with full TensorRT and a usable GPU
 
 
 @pytest.mark.gpu

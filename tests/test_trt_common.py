@@ -10,8 +10,19 @@ import pytest
 from build_models import fp32_conv, positive_inputs, qdq_conv
 
 import trtkit
-from trtkit import trt_common
 from trtkit.errors import BuildError, InputFileError, OptionError, TrtkitError
+from trtkit.plugins.tensorrt.calibrator import calibrator_for_cache, load_calibration_batches
+from trtkit.plugins.tensorrt.cuda import gpu_info
+from trtkit.plugins.tensorrt.module import (
+    import_trt,
+    product,
+    strongly_typed_only,
+    unavailable_reason,
+    version_tuple,
+)
+from trtkit.plugins.tensorrt.precision import check_options, parse_layer_precisions
+from trtkit.plugins.tensorrt.profiles import parse_shapes
+from trtkit.plugins.tensorrt.sidecar import read_sidecar
 
 
 def _version(name: str, version: str) -> types.ModuleType:
@@ -26,15 +37,15 @@ RTX = _version("tensorrt_rtx", "1.7.1.116")
 
 
 def test_version_rules():
-    assert not trt_common.strongly_typed_only(TRT86) and not trt_common.strongly_typed_only(TRT10)
-    assert trt_common.strongly_typed_only(TRT11) and trt_common.strongly_typed_only(RTX)
-    assert trt_common.version_tuple(TRT10) == (10, 3, 0)
-    assert trt_common.product(RTX) == "TensorRT-RTX 1.7.1.116"
+    assert not strongly_typed_only(TRT86) and not strongly_typed_only(TRT10)
+    assert strongly_typed_only(TRT11) and strongly_typed_only(RTX)
+    assert version_tuple(TRT10) == (10, 3, 0)
+    assert product(RTX) == "TensorRT-RTX 1.7.1.116"
 
 
 @pytest.mark.parametrize("module", [TRT86, TRT10])
 def test_precision_flags_up_to_trt10(module):
-    check = trt_common.check_options
+    check = check_options
     assert check(module, {"precision": "auto"}, qdq=False) == []
     assert check(module, {"precision": "auto"}, qdq=True) == ["INT8"]  # explicit quantization needs the flag
     assert check(module, {"precision": "fp16"}, qdq=False) == ["FP16"]
@@ -58,7 +69,7 @@ def test_precision_flags_up_to_trt10(module):
 
 @pytest.mark.parametrize("module", [TRT11, RTX])
 def test_no_implicit_int8_on_strongly_typed_versions(module):
-    check = trt_common.check_options
+    check = check_options
     assert check(module, {"precision": "auto"}, qdq=True) == []
     for options in ({"precision": "int8"}, {"precision": "fp16"}, {"precision": "best"},
                     {"calibration_cache": "c.cache"}, {"calibration_data": "d.npz"},
@@ -68,38 +79,38 @@ def test_no_implicit_int8_on_strongly_typed_versions(module):
 
 
 def test_shape_syntax():
-    assert trt_common.parse_shapes("x:1x3x224x224,y:2x5", "max_shapes") == {"x": (1, 3, 224, 224), "y": (2, 5)}
-    assert trt_common.parse_shapes("input:0:1x4", "min_shapes") == {"input:0": (1, 4)}
-    assert trt_common.parse_shapes(None, "min_shapes") == {}
+    assert parse_shapes("x:1x3x224x224,y:2x5", "max_shapes") == {"x": (1, 3, 224, 224), "y": (2, 5)}
+    assert parse_shapes("input:0:1x4", "min_shapes") == {"input:0": (1, 4)}
+    assert parse_shapes(None, "min_shapes") == {}
     for bad in ("x=1x3", "x:1xa", "x:0x3"):
         with pytest.raises(OptionError, match="option 'max_shapes'"):
-            trt_common.parse_shapes(bad, "max_shapes")
+            parse_shapes(bad, "max_shapes")
 
 
 def test_layer_precision_syntax():
-    assert trt_common.parse_layer_precisions("conv0:fp32, head*:fp16") == {"conv0": "fp32", "head*": "fp16"}
+    assert parse_layer_precisions("conv0:fp32, head*:fp16") == {"conv0": "fp32", "head*": "fp16"}
     with pytest.raises(OptionError, match="option 'layer_precisions'"):
-        trt_common.parse_layer_precisions("conv0:fp64")
+        parse_layer_precisions("conv0:fp64")
 
 
 def test_calibration_batches_from_trtkit_data_sources(tmp_path):
     model = fp32_conv(tmp_path / "m.onnx", batch="N")
     data = positive_inputs(batch=10)["x"].astype(np.float64)
     np.savez(tmp_path / "calib.npz", x=data)
-    batches = trt_common.load_calibration_batches(tmp_path / "calib.npz", model, batch_size=4)
+    batches = load_calibration_batches(tmp_path / "calib.npz", model, batch_size=4)
     assert len(batches) == 2 and batches[1]["x"].dtype == np.float32  # the remainder of 2 is dropped
     np.testing.assert_array_equal(batches[1]["x"], data[4:8].astype(np.float32))
     np.save(tmp_path / "calib.npy", data)
-    assert len(trt_common.load_calibration_batches(tmp_path / "calib.npy", model, batch_size=5)) == 2
+    assert len(load_calibration_batches(tmp_path / "calib.npy", model, batch_size=5)) == 2
     np.savez(tmp_path / "wrong.npz", image=data)
     with pytest.raises(TrtkitError, match="wrong.npz"):
-        trt_common.load_calibration_batches(tmp_path / "wrong.npz", model, batch_size=4)
+        load_calibration_batches(tmp_path / "wrong.npz", model, batch_size=4)
     with pytest.raises(InputFileError, match="fewer samples than calibration_batch_size=16"):
-        trt_common.load_calibration_batches(tmp_path / "calib.npz", model, batch_size=16)
+        load_calibration_batches(tmp_path / "calib.npz", model, batch_size=16)
 
 
 def test_missing_tensorrt_is_a_reason_not_a_crash(tmp_path):
-    reason = trt_common.unavailable_reason("tensorrt")
+    reason = unavailable_reason("tensorrt")
     if reason is None:
         pytest.skip("full TensorRT is installed here")
     assert reason.startswith("tensorrt: ") and "\n" not in reason
@@ -111,7 +122,7 @@ def test_missing_tensorrt_is_a_reason_not_a_crash(tmp_path):
 # ---- full TensorRT + GPU (Jetson, x86 with NVIDIA GPU) --------------------------------------------------------
 
 def _full_tensorrt_reason() -> str | None:
-    return trt_common.unavailable_reason("tensorrt")  # None only with full TensorRT and a usable GPU
+    return unavailable_reason("tensorrt")  # None only with full TensorRT and a usable GPU
 
 
 needs_gpu = pytest.mark.skipif(_full_tensorrt_reason() is not None,
@@ -131,11 +142,11 @@ def test_tensorrt_fp32_engine_runs_like_onnxruntime(tmp_path):
     expected = run(session(model), feeds)["y"]
     got = open_runner(engine).run(feeds)["y"]
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
-    info = trt_common.read_sidecar(engine)
-    assert info["device"]["compute_capability"] == trt_common.gpu_info()["compute_capability"]  # type: ignore[index]
+    info = read_sidecar(engine)
+    assert info["device"]["compute_capability"] == gpu_info()["compute_capability"]  # type: ignore[index]
     again = trtkit.build(model, tmp_path / "m2.engine", builder="tensorrt", max_batch=8,
                          timing_cache=str(tmp_path / "t.cache"))
-    assert trt_common.read_sidecar(again)["timing_cache"]["loaded"] is True
+    assert read_sidecar(again)["timing_cache"]["loaded"] is True
 
 
 @pytest.mark.gpu
@@ -155,19 +166,19 @@ def test_tensorrt_qdq_engine_matches_float_emulation(tmp_path):
 @pytest.mark.gpu
 @needs_gpu
 def test_tensorrt_implicit_int8_with_calibrator(tmp_path):
-    module = trt_common.import_trt("tensorrt")
-    if trt_common.strongly_typed_only(module):
-        pytest.skip(f"{trt_common.product(module)} has no implicit INT8 (TensorRT 11 removed it)")
+    module = import_trt("tensorrt")
+    if strongly_typed_only(module):
+        pytest.skip(f"{product(module)} has no implicit INT8 (TensorRT 11 removed it)")
     model = fp32_conv(tmp_path / "m.onnx", batch="N")
     np.savez(tmp_path / "calib.npz", x=positive_inputs(batch=32)["x"])
     cache = tmp_path / "calib.cache"
     engine = trtkit.build(model, tmp_path / "m.engine", builder="tensorrt", precision="int8", max_batch=8,
                           calibration_data=str(tmp_path / "calib.npz"), calibration_cache=str(cache))
     assert cache.read_text().startswith("TRT-")
-    assert trt_common.read_sidecar(engine)["precision"]["calibration"]["batches"] == 4
+    assert read_sidecar(engine)["precision"]["calibration"]["batches"] == 4
     from_cache = trtkit.build(model, tmp_path / "c.engine", builder="tensorrt", precision="int8", max_batch=8,
                               calibration_cache=str(cache))
-    assert trt_common.read_sidecar(from_cache)["precision"]["calibration"]["source"] == "cache"
+    assert read_sidecar(from_cache)["precision"]["calibration"]["source"] == "cache"
 
 
 def test_cache_header_decides_the_calibrator_class(tmp_path):
@@ -177,10 +188,10 @@ def test_cache_header_decides_the_calibrator_class(tmp_path):
     entropy = write_cache(scales, tmp_path / "entropy.cache", trt_version="10.3.0")
     minmax = write_cache(scales, tmp_path / "minmax.cache", trt_version="8.6.1", algorithm="MinMaxCalibration")
     legacy = write_cache(scales, tmp_path / "legacy.cache", algorithm="LegacyCalibration")
-    assert trt_common.calibrator_for_cache(entropy) == ("entropy", 100300)
-    assert trt_common.calibrator_for_cache(minmax) == ("minmax", 8601)
+    assert calibrator_for_cache(entropy) == ("entropy", 100300)
+    assert calibrator_for_cache(minmax) == ("minmax", 8601)
     with pytest.raises(InputFileError, match="algorithm 'LegacyCalibration' is not supported"):
-        trt_common.calibrator_for_cache(legacy)
+        calibrator_for_cache(legacy)
     (tmp_path / "bad.cache").write_text("not a cache\n")
     with pytest.raises(InputFileError, match="bad.cache:1: bad calibration cache header"):
-        trt_common.calibrator_for_cache(tmp_path / "bad.cache")
+        calibrator_for_cache(tmp_path / "bad.cache")

@@ -10,9 +10,20 @@ import pytest
 from build_models import custom_op, fp32_conv, qdq_conv
 
 import trtkit
-from trtkit import trt_common
 from trtkit.building import check
 from trtkit.errors import BuildError, InputFileError, OptionError, UnknownNameError
+from trtkit.plugins.tensorrt.build import build_engine, make_progress_monitor
+from trtkit.plugins.tensorrt.cuda import gpu_info
+from trtkit.plugins.tensorrt.engine import load_engine
+from trtkit.plugins.tensorrt.module import import_trt, make_logger
+from trtkit.plugins.tensorrt.parser import create_network, parse_onnx
+from trtkit.plugins.tensorrt.precision import match_layers, parse_layer_precisions
+from trtkit.plugins.tensorrt.sidecar import (
+    SIDECAR_FORMAT,
+    check_engine_compatible,
+    sha256_bytes,
+    sidecar_path,
+)
 
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed (pip install tensorrt-rtx-cu13)")
 RTX = "tensorrt-rtx"
@@ -36,7 +47,7 @@ def static_engine(models, tmp_path_factory):
 
 
 def _sidecar(engine):
-    return json.loads(trt_common.sidecar_path(engine).read_text())
+    return json.loads(sidecar_path(engine).read_text())
 
 
 def test_builders_registered_and_availability():
@@ -52,18 +63,18 @@ def test_builders_registered_and_availability():
 
 def test_fp32_static_engine_and_sidecar(models, static_engine, tmp_path):
     info = _sidecar(static_engine)
-    assert info["format"] == trt_common.SIDECAR_FORMAT and info["builder"] == RTX
+    assert info["format"] == SIDECAR_FORMAT and info["builder"] == RTX
     assert info["module"] == "tensorrt_rtx" and info["tensorrt_version"] == trt.__version__
     assert info["inputs"] == [{"name": "x", "dtype": "float32", "shape": [2, 16, 8, 8]}]
     assert info["outputs"] == [{"name": "y", "dtype": "float32", "shape": [2, 16, 1, 1]}]
     assert info["profiles"] == [] and info["precision"]["qdq"] is False and info["precision"]["flags"] == []
     assert info["precision"]["strongly_typed"] is True
     assert info["engine"]["bytes"] == static_engine.stat().st_size > 1000
-    assert info["source"]["sha256"] == trt_common.sha256_bytes(models["fp32_static"].read_bytes())
+    assert info["source"]["sha256"] == sha256_bytes(models["fp32_static"].read_bytes())
     # same inputs -> byte-identical engine and sidecar
     again = trtkit.build(models["fp32_static"], tmp_path / "static.engine", builder=RTX)
     assert again.read_bytes() == static_engine.read_bytes()
-    assert trt_common.sidecar_path(again).read_text() == trt_common.sidecar_path(static_engine).read_text()
+    assert sidecar_path(again).read_text() == sidecar_path(static_engine).read_text()
 
 
 def test_fp32_dynamic_profile(models, tmp_path):
@@ -126,7 +137,7 @@ def test_parser_errors_name_every_failing_node(models, tmp_path):
     assert "\n" not in message
     assert "node 'my_foo' (FooBar)" in message and "custom.onnx" in message
     assert not (tmp_path / "custom.engine").exists()
-    assert not trt_common.sidecar_path(tmp_path / "custom.engine").exists()
+    assert not sidecar_path(tmp_path / "custom.engine").exists()
 
 
 def test_unreadable_model_is_a_clear_error(tmp_path):
@@ -184,31 +195,31 @@ def test_engine_loading_checks_sidecar_first(static_engine, tmp_path):
     engine = tmp_path / "copy.engine"
     shutil.copy(static_engine, engine)
     with pytest.raises(InputFileError, match="no sidecar copy.engine.json"):
-        trt_common.load_engine(RTX, engine)
+        load_engine(RTX, engine)
     info = _sidecar(static_engine)
 
-    sidecar = trt_common.sidecar_path(engine)
+    sidecar = sidecar_path(engine)
     sidecar.write_text(json.dumps({**info, "tensorrt_version": "0.9.0"}))
     with pytest.raises(InputFileError, match=r"built with tensorrt_rtx 0\.9\.0, this is TensorRT-RTX"):
-        trt_common.load_engine(RTX, engine)
+        load_engine(RTX, engine)
 
     sidecar.write_text(json.dumps(info))
     engine.write_bytes(static_engine.read_bytes()[:-10])
     with pytest.raises(InputFileError, match="does not match its sidecar"):
-        trt_common.load_engine(RTX, engine)
+        load_engine(RTX, engine)
 
     sidecar.write_text("{not json")
     with pytest.raises(InputFileError, match="corrupt engine sidecar"):
-        trt_common.load_engine(RTX, engine)
+        load_engine(RTX, engine)
 
     with pytest.raises(InputFileError, match="built by 'tensorrt-rtx', not 'tensorrt'"):
-        trt_common.load_engine("tensorrt", static_engine)
+        load_engine("tensorrt", static_engine)
 
-    gpu = trt_common.gpu_info()
+    gpu = gpu_info()
     if isinstance(gpu, str):  # this machine: no GPU -> one clear line, no crash
         # (without cuda-python installed the reason names that instead of the missing GPU)
         with pytest.raises(InputFileError, match="cannot run a TensorRT engine here: (no CUDA GPU|cuda-python)"):
-            trt_common.load_engine(RTX, static_engine)
+            load_engine(RTX, static_engine)
         with pytest.raises(InputFileError, match="cannot run this artefact") as caught:
             open_runner(static_engine)
         assert "tensorrt-rtx:" in str(caught.value) and "\n" not in str(caught.value)
@@ -217,16 +228,16 @@ def test_engine_loading_checks_sidecar_first(static_engine, tmp_path):
 def test_compatibility_against_other_gpus(static_engine):
     """The device check itself, given the device facts a GPU would report."""
     info = _sidecar(static_engine)
-    module = trt_common.import_trt(RTX)
+    module = import_trt(RTX)
     orin = {"name": "Orin", "compute_capability": "8.7", "count": 1}
-    trt_common.check_engine_compatible(static_engine, info, module, orin)  # RTX default: all targets
+    check_engine_compatible(static_engine, info, module, orin)  # RTX default: all targets
     targeted = {**info, "compute_capabilities": ["sm86", "sm89"]}
     with pytest.raises(InputFileError, match=r"built for sm86, sm89, this GPU is Orin \(sm87\)"):
-        trt_common.check_engine_compatible(static_engine, targeted, module, orin)
-    trt_common.check_engine_compatible(static_engine, targeted, module, {**orin, "compute_capability": "8.6"})
+        check_engine_compatible(static_engine, targeted, module, orin)
+    check_engine_compatible(static_engine, targeted, module, {**orin, "compute_capability": "8.6"})
     device_built = {**info, "device": {"name": "RTX 3080", "compute_capability": "8.6"}}
     with pytest.raises(InputFileError, match=r"built for RTX 3080 \(compute capability 8\.6\), this GPU is Orin"):
-        trt_common.check_engine_compatible(static_engine, device_built, module, orin)
+        check_engine_compatible(static_engine, device_built, module, orin)
 
 
 def test_build_progress_monitor_reports_tensorrt_phases(models, tmp_path, capfd):
@@ -236,16 +247,16 @@ def test_build_progress_monitor_reports_tensorrt_phases(models, tmp_path, capfd)
 
     stream = io.StringIO()
     console = Console(file=stream, force_terminal=True, width=100)
-    module = trt_common.import_trt(RTX)
-    monitor = trt_common.make_progress_monitor(module, console)
+    module = import_trt(RTX)
+    monitor = make_progress_monitor(module, console)
     assert monitor is not None
-    result = trt_common.build_engine(RTX, models["fp32_static"], tmp_path / "p.engine", {}, progress_console=console)
+    result = build_engine(RTX, models["fp32_static"], tmp_path / "p.engine", {}, progress_console=console)
     assert result.engine.is_file()
     # The same phases reach a monitor attached by build_engine: run one directly to see their names.
-    logger = trt_common.make_logger(module)
+    logger = make_logger(module)
     builder = module.Builder(logger)
-    network = trt_common._create_network(module, builder, strongly_typed=False)
-    trt_common.parse_onnx(module, builder, network, logger, models["fp32_static"])
+    network = create_network(module, builder, strongly_typed=False)
+    parse_onnx(module, builder, network, logger, models["fp32_static"])
     config = builder.create_builder_config()
     config.progress_monitor = monitor
     with monitor.progress:
@@ -256,16 +267,16 @@ def test_build_progress_monitor_reports_tensorrt_phases(models, tmp_path, capfd)
 
 def test_layer_precision_patterns_match_parsed_layer_names(models):
     """TensorRT names parsed layers after the ONNX nodes: patterns are checked against a real parsed network."""
-    module = trt_common.import_trt(RTX)
-    logger = trt_common.make_logger(module)
+    module = import_trt(RTX)
+    logger = make_logger(module)
     builder = module.Builder(logger)
-    network = trt_common._create_network(module, builder, strongly_typed=False)
-    trt_common.parse_onnx(module, builder, network, logger, models["qdq"])
+    network = create_network(module, builder, strongly_typed=False)
+    parse_onnx(module, builder, network, logger, models["qdq"])
     names = [network.get_layer(i).name for i in range(network.num_layers)]
     assert {"conv0", "x_quant", "W_dequant", "c_dequant"} <= set(names)
-    wanted = trt_common.parse_layer_precisions("conv0:fp32,*_dequant:fp16")
-    applied = trt_common.match_layers(names, wanted)
+    wanted = parse_layer_precisions("conv0:fp32,*_dequant:fp16")
+    applied = match_layers(names, wanted)
     assert applied["conv0"] == "fp32" and applied["W_dequant"] == "fp16" and applied["c_dequant"] == "fp16"
     assert "x_quant" not in applied
     with pytest.raises(OptionError, match="unknown layer 'conv9' \\(did you mean: conv0"):
-        trt_common.match_layers(names, {"conv9": "fp32"})
+        match_layers(names, {"conv9": "fp32"})

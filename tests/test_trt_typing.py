@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKED = ["core/trt_common.py", "plugins/tensorrt_builder.py"]
+CHECKED = ["plugins/tensorrt/"]
 PROBE = '''from __future__ import annotations
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:

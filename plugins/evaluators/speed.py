@@ -129,13 +129,13 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 class EngineTimer:
     """trtexec-style timing of a TensorRT engine runner: device buffers allocated once, CUDA events around the
     host-to-device copies, the enqueue and the device-to-host copies -> last_timings {h2d_ms, compute_ms,
-    d2h_ms}. Used for runners with a TensorRT execution context (trtkit.trt_common.EngineRunner)."""
+    d2h_ms}. Used for runners with a TensorRT execution context (trtkit.plugins.tensorrt.engine.EngineRunner)."""
 
     def __init__(self, runner: Any, feeds: dict[str, np.ndarray]) -> None:
-        from trtkit.trt_common import _check, _cudart, cuda_malloc
+        from trtkit.plugins.tensorrt.cuda import check, cuda_malloc, cudart
 
-        self.cudart = _cudart()
-        self._check = _check
+        self.cudart = cudart()
+        self._check = check
         self.runner = runner
         self.stream = runner.stream
         self.pointers: list[int] = []
@@ -167,7 +167,7 @@ class EngineTimer:
         return cls(runner, feeds)
 
     def run(self, feeds: dict[str, np.ndarray]) -> None:
-        from trtkit.trt_common import cuda_memcpy_dtoh, cuda_memcpy_htod
+        from trtkit.plugins.tensorrt.cuda import cuda_memcpy_dtoh, cuda_memcpy_htod
 
         cudart, check, events = self.cudart, self._check, self.events
         check(cudart.cudaEventRecord(events[0], self.stream), "cudaEventRecord")
@@ -186,7 +186,7 @@ class EngineTimer:
         self.last_timings = {"h2d_ms": elapsed[0], "compute_ms": elapsed[1], "d2h_ms": elapsed[2]}
 
     def close(self) -> None:
-        from trtkit.trt_common import cuda_free
+        from trtkit.plugins.tensorrt.cuda import cuda_free
 
         for event in self.events:
             self.cudart.cudaEventDestroy(event)
