@@ -1,15 +1,15 @@
 """The `trtkit` command line.
 
 Start-up must stay fast: this module imports typer, rich and the plugin registry only. Plugins are loaded
-before the command line is parsed (they may add subcommands through `register_commands`), so
-`--no-plugin NAME` and `--debug` are read from argv first.
+before the command line is parsed, so `--no-plugin NAME` and `--debug` are read from argv first. Every
+command but `plugins` comes from a plugin's `register_commands` hook, the built-in ones (trtkit.plugins.commands)
+exactly like a third party's; `plugins` stays here so that a broken command plugin can still be diagnosed.
 
 Errors a user can fix (TrtkitError, bad usage) print one line and exit 2; a traceback only with --debug.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from typing import Annotated, Any
@@ -22,7 +22,6 @@ except ImportError:  # pragma: no cover - older typer on top of click
     from click import ClickException
 
 from . import __version__
-from .commands import STAGE_COMMAND_MODULES
 from .errors import TrtkitError
 from .fileio import raise_on_sigterm
 from .registry import Registry, load_plugins, set_registry
@@ -31,6 +30,9 @@ from .stages import STAGES
 HELP = """From a trained network to a fast, accurate edge deployment through ONNX and TensorRT.
 
 Pipeline: export -> optimize -> calibrate -> quantize -> build -> eval, or all of it with `trtkit run`."""
+
+# Where the commands of a plugin module without a HELP_ORDER go in `trtkit --help`: after the built-ins.
+DEFAULT_HELP_ORDER = 100
 
 
 def _version_callback(value: bool) -> None:
@@ -71,10 +73,10 @@ def build_app(registry: Registry) -> typer.Typer:
         """List installed plugins and what each registers per stage."""
         show_plugins(registry, as_json, hook)
 
-    for name in STAGE_COMMAND_MODULES:
-        importlib.import_module(f"trtkit.commands.{name}").register(app)
-
-    for impl in registry.pm.hook.register_commands.get_hookimpls():
+    # Commands are listed in `trtkit --help` in the order they are added: by their module's HELP_ORDER
+    # (the built-ins set pipeline order), then in loading order.
+    impls = registry.pm.hook.register_commands.get_hookimpls()
+    for impl in sorted(impls, key=lambda impl: getattr(impl.plugin, "HELP_ORDER", DEFAULT_HELP_ORDER)):
         try:
             impl.function(cli=app)
         except Exception as exc:  # a broken plugin's command must not take the CLI down

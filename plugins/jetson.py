@@ -351,7 +351,7 @@ def register_commands(cli: Any) -> None:
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ) -> None:
         """Benchmark while sampling tegrastats: power, loads, temperatures, energy per inference."""
-        from trtkit.commands import parse_key_values
+        from trtkit.cli_args import parse_key_values
         from trtkit.evaluation import evaluate, to_json
         from trtkit.ui import console, stdout
 

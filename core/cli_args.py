@@ -1,15 +1,13 @@
-"""Built-in stage subcommands. Each module defines `register(app)`; core/cli.py calls them in order.
+"""Flags shared by the commands, declared once (the style of Polygraphy's tools/args).
 
-Helpers shared by the stage commands live here; nothing heavy is imported at module level.
+Command modules (built-in or third-party) import these at start-up, so nothing heavy is imported here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..errors import OptionError
-
-STAGE_COMMAND_MODULES = ("export", "quantize", "build", "eval", "run")
+from .errors import OptionError
 
 
 def parse_key_values(pairs: list[str] | None, flag: str = "--option") -> dict[str, Any]:

@@ -11,63 +11,63 @@ from typing import Annotated, Any
 
 import typer
 
-from . import parse_key_values
+from trtkit import hookimpl
+from trtkit.cli_args import parse_key_values
 
+HELP_ORDER = 60
 GATE_FAILED_EXIT_CODE = 3
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("eval")
-    def eval_command(
-        name: Annotated[str, typer.Argument(help="Evaluator: accuracy, speed, layers, report, jetson, ...")],
-        models: Annotated[list[Path], typer.Argument(help="Artefacts; for comparisons the first is the reference.")],
-        data: Annotated[str | None, typer.Option("--data", help="Evaluation inputs (.npy, .npz, folder).")] = None,
-        option: Annotated[
-            list[str] | None, typer.Option("-O", "--option", help="Evaluator option KEY=VALUE (repeatable).")
-        ] = None,
-        output: Annotated[
-            Path | None, typer.Option("-o", "--output", help="Write the report (report) or the JSON result here.")
-        ] = None,
-        runtime_kernels: Annotated[
-            bool | None,
-            typer.Option("--runtime-kernels/--emulate-qdq",
-                         help="QDQ models on onnxruntime's int8 kernels, or with Q/DQ emulated in float."),
-        ] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
-    ) -> None:
-        """Measure artefacts: accuracy (gates: exit code 3 on failure), speed, per-layer error, reports."""
-        from ..evaluation import evaluate, to_json
-        from ..fileio import write_text
-        from ..registry import get_registry
-        from ..ui import console, stdout
+def eval_command(
+    name: Annotated[str, typer.Argument(help="Evaluator: accuracy, speed, layers, report, jetson, ...")],
+    models: Annotated[list[Path], typer.Argument(help="Artefacts; for comparisons the first is the reference.")],
+    data: Annotated[str | None, typer.Option("--data", help="Evaluation inputs (.npy, .npz, folder).")] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("-O", "--option", help="Evaluator option KEY=VALUE (repeatable).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the report (report) or the JSON result here.")
+    ] = None,
+    runtime_kernels: Annotated[
+        bool | None,
+        typer.Option("--runtime-kernels/--emulate-qdq",
+                     help="QDQ models on onnxruntime's int8 kernels, or with Q/DQ emulated in float."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+) -> None:
+    """Measure artefacts: accuracy (gates: exit code 3 on failure), speed, per-layer error, reports."""
+    from trtkit.evaluation import evaluate, to_json
+    from trtkit.fileio import write_text
+    from trtkit.registry import get_registry
+    from trtkit.ui import console, stdout
 
-        evaluator = get_registry().evaluator(name)
-        if output is not None:
-            from ..fileio import check_output_path
+    evaluator = get_registry().evaluator(name)
+    if output is not None:
+        from trtkit.fileio import check_output_path
 
-            check_output_path(output, *models, data)
-        options = parse_key_values(option, "-O/--option")
-        if data is not None:
-            options["data"] = data
-        if runtime_kernels is not None:
-            options["runtime_kernels"] = runtime_kernels
-        writes_output = "output" in evaluator.options and evaluator.options["output"].type == "path"
-        if output is not None and writes_output:
-            options["output"] = str(output)
-        result = evaluate(name, [str(m) for m in models], **options)
-        if output is not None and not writes_output:
-            write_text(output, to_json({"evaluator": name, "passed": result.passed, "data": result.data}) + "\n")
-        if as_json:
-            stdout.print(to_json({"evaluator": name, "passed": result.passed, "data": result.data}),
-                         markup=False, highlight=False, soft_wrap=True)
-        if not show_tables(result.data):
-            console.print(result.summary, markup=False, highlight=False, soft_wrap=True)
-        if not result.passed:
-            console.print(f"FAILED: evaluator '{name}' gates not met (exit code {GATE_FAILED_EXIT_CODE})",
-                          markup=False, highlight=False, soft_wrap=True)
-            # SystemExit, not typer.Exit: the core runs click with standalone_mode=False, which turns
-            # typer.Exit into a return value that trtkit.cli.main does not propagate.
-            raise SystemExit(GATE_FAILED_EXIT_CODE)
+        check_output_path(output, *models, data)
+    options = parse_key_values(option, "-O/--option")
+    if data is not None:
+        options["data"] = data
+    if runtime_kernels is not None:
+        options["runtime_kernels"] = runtime_kernels
+    writes_output = "output" in evaluator.options and evaluator.options["output"].type == "path"
+    if output is not None and writes_output:
+        options["output"] = str(output)
+    result = evaluate(name, [str(m) for m in models], **options)
+    if output is not None and not writes_output:
+        write_text(output, to_json({"evaluator": name, "passed": result.passed, "data": result.data}) + "\n")
+    if as_json:
+        stdout.print(to_json({"evaluator": name, "passed": result.passed, "data": result.data}),
+                     markup=False, highlight=False, soft_wrap=True)
+    if not show_tables(result.data):
+        console.print(result.summary, markup=False, highlight=False, soft_wrap=True)
+    if not result.passed:
+        console.print(f"FAILED: evaluator '{name}' gates not met (exit code {GATE_FAILED_EXIT_CODE})",
+                      markup=False, highlight=False, soft_wrap=True)
+        # SystemExit, not typer.Exit: the core runs click with standalone_mode=False, which turns
+        # typer.Exit into a return value that trtkit.cli.main does not propagate.
+        raise SystemExit(GATE_FAILED_EXIT_CODE)
 
 
 def _number(value: object, digits: int = 4) -> str:
@@ -85,7 +85,7 @@ def show_tables(data: dict[str, Any]) -> bool:
     from rich.console import Console
     from rich.table import Table
 
-    from ..ui import console as terminal
+    from trtkit.ui import console as terminal
 
     # Logs and CI (stderr not a terminal): do not squeeze the tables into rich's default 80 columns.
     console = terminal if terminal.is_terminal else Console(stderr=True, highlight=False, width=160)
@@ -143,3 +143,8 @@ def show_tables(data: dict[str, Any]) -> bool:
                               f"(CoV {m['latency']['cov']:.1%}); pin threads (-O threads=N) or run longer", soft_wrap=True)
         return True
     return False
+
+
+@hookimpl
+def register_commands(cli: typer.Typer) -> None:
+    cli.command("eval")(eval_command)

@@ -1,0 +1,156 @@
+"""`trtkit build MODEL --builder NAME -o OUT` (with `--check` and `--list-options`).
+
+Nothing heavy is imported here: the builders load onnx/onnxruntime/tensorrt inside their functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from trtkit import hookimpl
+
+HELP_ORDER = 50
+
+
+def build_command(
+    model: Annotated[Path, typer.Argument(help="Input ONNX model (FP32 or QDQ).")],
+    builder: Annotated[str, typer.Option("--builder", "-b", help="Builder: onnxruntime, tensorrt, tensorrt-rtx, "
+                                         "or one a plugin adds (see `trtkit plugins`).")] = "onnxruntime",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Artefact to write (default: next to "
+                                                "MODEL: MODEL.ort.onnx or MODEL.<builder>.engine).")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Builder option KEY=VALUE "
+                                                     "(repeatable; `--list-options` shows them).")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Only report which nodes the builder's parser "
+                                        "supports (no build); exit 1 when some are unsupported.")] = False,
+    list_options: Annotated[bool, typer.Option("--list-options", help="Show the builder's options.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
+) -> None:
+    """Build a runnable artefact: an optimized onnxruntime model or a TensorRT / TensorRT-RTX engine."""
+    import json
+
+    from trtkit.building import build, describe, get_builder
+    from trtkit.building import check as check_model
+    from trtkit.cli_args import parse_key_values
+    from trtkit.ui import console
+
+    component = get_builder(builder)
+    if list_options:
+        _show_options(component, as_json)
+        return
+    options = parse_key_values(option, "--option")
+    if check:
+        report = check_model(model, builder=builder)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2, sort_keys=True))
+        else:
+            _show_check(report)
+        if not report.get("supported"):
+            raise SystemExit(1)  # cli.main drops the code of typer.Exit in standalone_mode=False
+        return
+    # TensorRT builds draw their own phase progress bars on a terminal (one rich live display at a time).
+    written = build(model, output, builder=builder, **options)
+    info = describe(written)
+    summary = _summary(info, written)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    console.print(f"[green]built[/green] {written} ({summary['bytes']:,} bytes) with {builder}")
+    for key in ("tensorrt", "precision", "profiles", "sidecar", "int8_weights"):
+        if summary.get(key):
+            console.print(f"  {key}: {_human(key, summary[key])}", markup=False)
+    for note in summary.get("notes", []):
+        console.print(f"  [yellow]note:[/yellow] {note}")
+
+
+def _summary(info: dict[str, Any], written: Path) -> dict[str, Any]:
+    summary: dict[str, Any] = {"artifact": str(written), "bytes": written.stat().st_size}
+    if info.get("kind") == "engine":
+        summary.update({
+            "builder": info.get("builder"),
+            "tensorrt": f"{info.get('module')} {info.get('tensorrt_version')}",
+            "precision": info.get("precision"),
+            "profiles": info.get("profiles"),
+            "inputs": info.get("inputs"),
+            "outputs": info.get("outputs"),
+            "sidecar": str(written.with_name(written.name + ".json")),
+            "notes": info.get("notes", []),
+        })
+    else:
+        build_info = info.get("build") or {}
+        summary.update({
+            "builder": build_info.get("builder", "onnxruntime"),
+            "optimization": build_info.get("optimization"),
+            "providers": build_info.get("providers"),
+            "vnni": build_info.get("vnni"),
+            "int8_weights": build_info.get("int8_weights"),
+            "notes": build_info.get("notes", []),
+        })
+    return summary
+
+
+def _human(key: str, value: Any) -> str:
+    if key == "precision" and isinstance(value, dict):
+        parts = ["QDQ (explicit INT8)" if value.get("qdq") else "no Q/DQ", f"mode {value.get('mode')}",
+                 "flags " + (", ".join(value.get("flags") or []) or "none")]
+        if value.get("strongly_typed"):
+            parts.append("strongly typed")
+        if value.get("layer_precisions"):
+            parts.append(f"{len(value['layer_precisions'])} layer(s) pinned")
+        if value.get("calibration"):
+            parts.append(f"calibration from {value['calibration'].get('source')}")
+        return "; ".join(parts)
+    if key == "profiles" and isinstance(value, list):
+        return "; ".join(
+            f"{name}: " + ", ".join(f"{kind} {'x'.join(map(str, shapes[kind]))}" for kind in ("min", "opt", "max"))
+            for profile in value for name, shapes in profile.items()
+        )
+    return str(value)
+
+
+def _show_check(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from trtkit.ui import console, stdout
+
+    where = report.get("tensorrt") or report.get("builder")
+    if report.get("supported"):
+        console.print(f"[green]supported:[/green] every node of {report['model']} parses in {where}")
+        return
+    if report.get("error"):
+        console.print(f"[red]not supported:[/red] {report['error']}")
+        return
+    table = Table(title=f"{len(report['unsupported'])} node(s) of {report['model']} that {where} cannot parse")
+    for column in ("#", "node", "op type", "reason"):
+        table.add_column(column)
+    for row in report["unsupported"]:
+        table.add_row(str(row["index"]), row["node"], row["op_type"], row["reason"])
+    stdout.print(table)
+
+
+def _show_options(component: Any, as_json: bool) -> None:
+    import json
+
+    from trtkit.ui import stdout
+
+    rows = [{"name": key, "type": opt.type, "default": opt.default, "choices": list(opt.choices or []) or None,
+             "help": opt.help} for key, opt in component.options.items()]
+    if as_json:
+        typer.echo(json.dumps({"builder": component.name, "options": rows}, indent=2, sort_keys=True))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"options of builder '{component.name}' (-O KEY=VALUE)")
+    for column in ("name", "type", "default", "help"):
+        table.add_column(column)
+    for row in rows:
+        help_text = row["help"] + (f" [{', '.join(map(str, row['choices']))}]" if row["choices"] else "")
+        table.add_row(row["name"], row["type"], str(row["default"]), help_text)
+    stdout.print(table)
+
+
+@hookimpl
+def register_commands(cli: typer.Typer) -> None:
+    cli.command("build")(build_command)

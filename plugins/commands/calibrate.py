@@ -1,0 +1,97 @@
+"""`trtkit calibrate MODEL --data DATA`: calibration data -> scales JSON (optionally a TensorRT cache).
+
+Nothing heavy is imported here: onnxruntime and numpy load inside the API functions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from trtkit import hookimpl
+from trtkit.cli_args import parse_key_values
+
+HELP_ORDER = 30
+
+
+def _positions(method: str, value: int | None) -> int | None:
+    from trtkit.calibration import histogram_positions
+    from trtkit.errors import OptionError
+
+    if value is not None and value < 0:
+        raise OptionError(f"--histogram-positions must be >= 0 (0: every value), got {value}")
+    return histogram_positions(method, "auto" if value is None else value or None)
+
+
+def calibrate_command(
+    model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
+    data: Annotated[str, typer.Option("--data", "-d", help=".npy, .npz or a folder of images.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Scales JSON to write.")] = Path("scales.json"),
+    method: Annotated[str, typer.Option("--method", "-m", help="Calibrator: percentile (99.99), entropy (TensorRT's EntropyCalibrator2), minmax, mse, ...")] = "percentile",
+    option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Calibrator option KEY=VALUE (repeatable).")] = None,
+    override: Annotated[Path | None, typer.Option("--override", help="Custom scales (JSON/YAML tensor -> amax, or a TensorRT cache) pinning chosen tensors.")] = None,
+    cache: Annotated[Path | None, typer.Option("--cache", help="Also write a TensorRT calibration cache here.")] = None,
+    trt_version: Annotated[str, typer.Option("--trt-version", help="TensorRT version for the cache header (8.6.1 -> TRT-8601-...).")] = "8.6.1",
+    tensors: Annotated[str, typer.Option("--tensors", help="quantizable (what `quantize` uses) or all (every float activation; default with --cache).")] = "",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per onnxruntime run.")] = 32,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", help="Use at most this many samples.")] = None,
+    preprocess: Annotated[list[str] | None, typer.Option("--preprocess", "-P", help="Image preprocessing KEY=VALUE: resize, crop, scale, mean, std, channels, layout.")] = None,
+    per_sample: Annotated[int | None, typer.Option("--histogram-positions", help="Histogram at most this many evenly spread positions of each sample of each tensor (min/max stay exact); 0: every value. Default: 4096, every value for entropy.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary on stdout.")] = False,
+) -> None:
+    """Run the model over calibration data once and write per-tensor ranges (amax, scale = amax/127)."""
+    from trtkit.calibration import collect
+    from trtkit.fileio import check_output_path
+    from trtkit.registry import get_registry
+    from trtkit.trtcache import version_number, write_cache
+    from trtkit.ui import console
+
+    calibrator = get_registry().calibrator(method)
+    options = calibrator.resolve_options(parse_key_values(option, "--option"))
+    if cache is not None:
+        version_number(trt_version)  # a bad version fails before any work
+    if override is not None:
+        from trtkit.calibration import _read_overrides_file
+
+        _read_overrides_file(override)
+    check_output_path(output, model)
+    which = tensors or ("all" if cache is not None else "quantizable")
+    stats = collect(model, data, tensors=which, batch_size=batch_size, limit=limit,
+                    preprocess=parse_key_values(preprocess, "--preprocess") or None,
+                    histograms=method != "minmax", per_item=_positions(method, per_sample))
+    scales = stats.compute(method, overrides=override, options=options)
+    scales.save(output)
+    if cache is not None:
+        check_output_path(cache, model)
+        write_cache(scales, cache, trt_version=trt_version)
+    if as_json:
+        typer.echo(json.dumps({"output": str(output), "cache": str(cache) if cache else None, **scales.to_dict()},
+                              indent=2, sort_keys=True))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{method} calibration: {stats.num_samples} samples, {len(scales)} tensors")
+    for column in ("tensor", "min", "max", "amax", "scale", "clipped", "source"):
+        table.add_column(column)
+    for name, amax in scales.items():
+        summary = scales.stats.get(name, {})
+        clipped = summary.get("clipped")
+        table.add_row(name, f"{summary.get('min', float('nan')):.4g}", f"{summary.get('max', float('nan')):.4g}",
+                      f"{amax:.4g}", f"{amax / 127:.4g}", "-" if clipped is None else f"{clipped:.2%}",
+                      scales.sources.get(name, method))
+    console.print(table)
+    heavy = sorted(((s.get("clipped") or 0.0, n) for n, s in scales.stats.items()), reverse=True)
+    heavy = [(c, n) for c, n in heavy if c > 0.01]
+    if heavy:
+        console.print(f"[yellow]warning:[/yellow] {method} clips more than 1% of the values of {len(heavy)} "
+                      f"tensor(s) (most: {heavy[0][1]}, {heavy[0][0]:.1%}); if accuracy suffers, try "
+                      "--method percentile or mse, or pin them with --override")
+    console.print(f"wrote {output}" + (f" and {cache}" if cache else ""))
+
+
+@hookimpl
+def register_commands(cli: typer.Typer) -> None:
+    cli.command("calibrate")(calibrate_command)

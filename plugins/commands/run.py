@@ -1,0 +1,69 @@
+"""`trtkit run RECIPE`: a recipe, end to end, with caching (or a bundled example with --example)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from trtkit import hookimpl
+
+HELP_ORDER = 70
+EXAMPLES = ("digits",)
+
+
+def run_command(
+    recipe: Annotated[Path | None, typer.Argument(help="The recipe (TOML).", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output folder (default: the "
+                                                "recipe's [output] dir, else trtkit-run beside it).")] = None,
+    example: Annotated[str | None, typer.Option("--example", help=f"Run a bundled example: "
+                                                f"{', '.join(EXAMPLES)}.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and what is cached; run nothing.")]
+    = False,
+    force: Annotated[bool, typer.Option("--force", help="Ignore cached results.")] = False,
+) -> None:
+    """Run a recipe: export -> passes -> calibrate -> quantize -> build -> eval -> report, with caching."""
+    from trtkit.errors import OptionError
+    from trtkit.recipe import gate_error, load_recipe, output_folder, plan, run_recipe
+    from trtkit.ui import console
+
+    if (recipe is None) == (example is None):
+        raise OptionError("give a recipe file or --example NAME (not both)")
+    if example is not None:
+        if example not in EXAMPLES:
+            from trtkit.errors import unknown_name
+
+            raise unknown_name("example", example, EXAMPLES)
+        from trtkit.examples.digits import prepare_example
+
+        folder = output or Path("trtkit-example-" + example)
+        recipe = prepare_example(folder)
+        output = folder / "run"
+        console.print(f"example recipe: {recipe}")
+    assert recipe is not None
+    if dry_run:
+        loaded = load_recipe(recipe)
+        out = output_folder(loaded, output)
+        for step in plan(loaded):
+            cached = (out / "cache" / step.name.replace(":", "-") / step.key / "step.json").is_file()
+            typer.echo(f"{'cached' if cached else 'run   '}  {step.describe()}  [{step.key}]")
+        return
+    result = run_recipe(recipe, output=output, force=force,
+                        log=lambda message: console.print(message, markup=False))
+    ran = [name for name, step in result.results.items() if not step.cached]
+    console.print(f"ran {len(ran)} of {len(result.results)} steps"
+                  + (f" ({', '.join(ran)})" if ran else " (everything cached)"))
+    for what, ok, text in result.gates:
+        console.print(f"{'PASS' if ok else 'FAIL'}  {what}: {text}", markup=False)
+    typer.echo(f"artefacts: {result.output}")
+    if result.report is not None:
+        typer.echo(f"report: {result.report}")
+    error = gate_error(result)
+    if error is not None:
+        raise error
+
+
+@hookimpl
+def register_commands(cli: typer.Typer) -> None:
+    cli.command("run")(run_command)
