@@ -110,7 +110,8 @@ def open_model(path: str, emulate_qdq: bool = True, threads: int | None = None) 
 
 
 def model_input_specs(path: str) -> list[Any] | None:
-    """Input TensorSpecs of an ONNX file, or of an engine from its trtkit sidecar; None when unknown."""
+    """Input TensorSpecs of an ONNX file, or of another artefact from what its builder's `describe` reads
+    (e.g. an engine's sidecar); None when unknown."""
     from .runtime import TensorSpec, input_specs
 
     if str(path).endswith(".onnx"):
@@ -118,18 +119,20 @@ def model_input_specs(path: str) -> list[Any] | None:
 
         return input_specs(ModelArtifact.load(path).model)
     try:
-        from .plugins.tensorrt.sidecar import read_sidecar
+        from .building import describe
 
-        info = read_sidecar(path)
+        info = describe(path)
+        if not isinstance(info.get("inputs"), list):
+            return None
         return [TensorSpec(str(t["name"]), str(t.get("dtype", "float32")),
                            tuple(d if isinstance(d, int) and d > 0 else None for d in t.get("shape", [])))
-                for t in info.get("inputs", [])]
+                for t in info["inputs"]]
     except Exception:
         return None
 
 
 def model_inputs(path: str) -> dict[str, tuple[str, tuple[Any, ...]]] | None:
-    """{input: (dtype, shape)} for an ONNX file or a trtkit engine (sidecar), None for other artefacts."""
+    """{input: (dtype, shape)} for an ONNX file or an artefact a builder describes, None for other artefacts."""
     specs = model_input_specs(path)
     return None if specs is None else {spec.name: (spec.dtype, spec.shape) for spec in specs}
 

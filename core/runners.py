@@ -1,7 +1,7 @@
 """One small interface to run any built artefact: inputs dict -> outputs dict.
 
 `.onnx` files run on onnxruntime (Q/DQ emulated in float unless `emulate_qdq=False`). Any other artefact is
-opened by the first builder whose `load` accepts it (TensorRT engines: the tensorrt builder plugin).
+opened by the first builder whose `load` accepts it (engines: the builder plugin that wrote them).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputFileError, TrtkitError
-from .stages import Runner
+from .stages import Builder, Runner
 
 
 class OrtRunner:
@@ -44,7 +44,7 @@ def open_runner(path: str | os.PathLike[str], **options: Any) -> Runner:
 
     reasons = []
     for name, builder in get_registry().stages["builders"].items():
-        if builder.load is None:
+        if not isinstance(builder, Builder) or builder.load is None:
             continue
         try:
             return builder.load(path, **options)

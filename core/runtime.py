@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputFileError
+from .errors import InputFileError, first_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -119,7 +119,7 @@ def session(
     """
     import onnxruntime as ort
 
-    from .model import ModelArtifact
+    from .model import as_artifact
 
     options = session_options(emulate_qdq=emulate_qdq, threads=threads, optimization=optimization)
     providers = providers or ["CPUExecutionProvider"]
@@ -130,9 +130,7 @@ def session(
             raise InputFileError(f"{path}: no such file")
         return _make_session(ort, str(path), options, providers, path)
 
-    artifact = model if isinstance(model, ModelArtifact) else (
-        ModelArtifact.load(model) if isinstance(model, (str, os.PathLike)) else ModelArtifact.from_model(model)
-    )
+    artifact = as_artifact(model)
     if extra_outputs:
         artifact = with_outputs(artifact, extra_outputs)
     # External weights are read by onnxruntime where they are (no copy, memory-mapped): the protobuf goes in
@@ -190,8 +188,7 @@ def _make_session(ort: Any, model: Any, options: Any, providers: list[str], labe
     try:
         return ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputFileError(f"{label or 'model'}: onnxruntime cannot load it: {first_line}") from None
+        raise InputFileError(f"{label or 'model'}: onnxruntime cannot load it: {first_line(exc)}") from None
 
 
 def with_outputs(artifact: ModelArtifact, names: list[str]) -> ModelArtifact:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from .errors import OptionError, close_matches
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .model import ModelArtifact
 
 _MISSING: Any = object()
@@ -77,11 +79,15 @@ class Option:
 
 @dataclass(frozen=True)
 class Component:
-    """Fields shared by every registered component."""
+    """Fields shared by every registered component.
+
+    default: True for the component used when none is named (the first one registered wins).
+    """
 
     name: str
     description: str
     options: Mapping[str, Option] = field(default_factory=dict)
+    default: bool = False
 
     @property
     def kind(self) -> str:
@@ -180,11 +186,22 @@ class Builder(Component):
       model: path of the input .onnx; output: the artefact to write (atomically). Returns the written path.
     load(path, **runtime_options) -> Runner    (optional; raises TrtkitError for artefacts it cannot open)
     available() -> str | None                  (None when usable here, else the reason it is not)
+    check(model) -> dict                       (optional; what of the .onnx model it can take, without building:
+                                                {"model", "builder", "supported": bool, "unsupported": [{"index",
+                                                "node", "op_type", "reason"}], ...}; `trtkit build --check`)
+    describe(artifact) -> dict | None          (optional; facts about a built non-ONNX artefact read from its
+                                                sidecar or metadata: {"kind", "inputs": [{"name", "dtype",
+                                                "shape"}], ...}; None when the artefact is not its kind;
+                                                `trtkit inspect`)
+    suffix: the default output's name after the model's stem, e.g. ".ort.onnx" ("" gives ".<name>.engine")
     """
 
     build: Callable[..., Any] = field(default=lambda *a, **k: None, repr=False)
     load: Callable[..., Runner] | None = field(default=None, repr=False)
     available: Callable[[], str | None] = field(default=lambda: None, repr=False)
+    check: Callable[[Path], dict[str, Any]] | None = field(default=None, repr=False)
+    describe: Callable[[Path], dict[str, Any] | None] | None = field(default=None, repr=False)
+    suffix: str = ""
 
 
 @dataclass(frozen=True)

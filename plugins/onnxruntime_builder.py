@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from trtkit import hookimpl
+from trtkit.errors import BuildError, InputFileError, OptionError, first_line, unknown_name
 from trtkit.stages import Builder, Option, Runner
 
 LEVELS = ("disable", "basic", "extended", "all")
@@ -63,24 +64,26 @@ def requantize_reduced_range(artifact: Any) -> tuple[Any, list[str]]:
     import numpy as np
     from onnx import TensorProto, numpy_helper
 
+    from trtkit.graph import GraphIndex
+
     result = artifact.copy()
-    graph = result.model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    index = GraphIndex(result.model.graph)
+    inits = index.initializers
+
+    def only_dequantized(name: str) -> bool:
+        return all(reader.op_type == "DequantizeLinear" for reader in index.readers(name))
+
     done: list[str] = []
-    for node in graph.node:
+    for node in result.model.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits or node.input[0] in done:
             continue
         weight = inits[node.input[0]]
-        if weight.data_type != TensorProto.INT8 or any(c.op_type != "DequantizeLinear" for c in consumers[weight.name]):
+        if weight.data_type != TensorProto.INT8 or not only_dequantized(weight.name):
             continue
         if len(node.input) < 2 or node.input[1] not in inits:
             continue
         scale_proto = inits[node.input[1]]
-        if any(c.op_type != "DequantizeLinear" for c in consumers[scale_proto.name]):
+        if not only_dequantized(scale_proto.name):
             continue
         q = result.tensor(weight).astype(np.int32)
         zero = None
@@ -106,7 +109,6 @@ def build(model: str | os.PathLike[str], output: str | os.PathLike[str], *, opti
           vnni: str = "auto") -> Path:
     import onnxruntime as ort
 
-    from trtkit.errors import BuildError, InputFileError, OptionError
     from trtkit.fileio import check_output_path, sha256_file
     from trtkit.model import ModelArtifact
     from trtkit.runtime import session, session_options
@@ -120,8 +122,6 @@ def build(model: str | os.PathLike[str], output: str | os.PathLike[str], *, opti
     have = ort.get_available_providers()
     for provider in providers:
         if provider not in have:
-            from trtkit.errors import unknown_name
-
             raise OptionError(f"option 'providers': {unknown_name('execution provider', provider, have)}")
     if threads is not None and threads < 1:
         raise OptionError("option 'threads' must be >= 1")
@@ -173,8 +173,7 @@ def build(model: str | os.PathLike[str], output: str | os.PathLike[str], *, opti
         try:
             ort.InferenceSession(str(staged), sess_options=options, providers=providers)
         except Exception as exc:
-            line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BuildError(f"{source}: onnxruntime cannot optimize it: {line}") from None
+            raise BuildError(f"{source}: onnxruntime cannot optimize it: {first_line(exc)}") from None
         if not optimized.is_file():
             raise BuildError(f"{source}: onnxruntime wrote no optimized model")
         result = ModelArtifact.load(optimized)
@@ -188,13 +187,25 @@ def build(model: str | os.PathLike[str], output: str | os.PathLike[str], *, opti
 
 
 def load(path: str | os.PathLike[str], **options: Any) -> Runner:
-    from trtkit.errors import InputFileError
     from trtkit.runners import OrtRunner
 
     path = Path(path)
     if path.suffix.lower() not in (".onnx", ".ort"):
         raise InputFileError(f"{path}: not an ONNX model")
     return OrtRunner(path, **options)
+
+
+def check(model: Path) -> dict[str, Any]:
+    """Builder.check: whether onnxruntime can load the model (the reason in "error" when it cannot)."""
+    from trtkit.runtime import session
+
+    path = Path(model)
+    try:
+        session(path, optimization="disable")
+    except InputFileError as exc:
+        return {"model": str(path), "builder": "onnxruntime", "supported": False, "unsupported": [],
+                "error": str(exc)}
+    return {"model": str(path), "builder": "onnxruntime", "supported": True, "unsupported": []}
 
 
 def available() -> str | None:
@@ -213,5 +224,5 @@ def register_builders(register: Any) -> None:
     register(Builder(
         name="onnxruntime",
         description="onnxruntime-optimized ONNX model for the CPU (or CUDA/TensorRT execution providers)",
-        options=OPTIONS, build=build, load=load, available=available,
+        options=OPTIONS, build=build, load=load, available=available, check=check, suffix=".ort.onnx", default=True,
     ))

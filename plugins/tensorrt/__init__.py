@@ -47,8 +47,18 @@ def _builder(name: str, description: str) -> Builder:
 
         return unavailable_reason(name)
 
+    def check(model: Path) -> dict[str, Any]:
+        from .parser import check_capability
+
+        return check_capability(name, model)
+
+    def describe(artifact: Path) -> dict[str, Any] | None:
+        from .sidecar import describe
+
+        return describe(artifact)
+
     return Builder(name=name, description=description, options=OPTIONS, build=build, load=load,
-                   available=available)
+                   available=available, check=check, describe=describe, suffix=f".{name}.engine")
 
 
 @hookimpl
