@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 # Options whose values are tolerance specs "[output:]value[,output:value...]"; numbers and dicts given from
 # Python are turned into that form before validation.
 TOLERANCE_OPTIONS = ("min_cosine", "min_sqnr", "max_abs", "max_mean_abs", "max_rel", "min_agreement",
-                     "min_confident_agreement", "min_top1", "max_top1_drop")
+                     "min_confident_agreement", "min_top1", "max_top1_drop", "min_positive_iou", "min_anchor_iou",
+                     "min_box_iou", "max_box_mae", "min_map_iou", "min_map_sqnr")
 
 
 def evaluate(name: str, models: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],

@@ -145,3 +145,235 @@ def test_results_are_deterministic(mlp_pair, tmp_path):
     random_a = trtkit.evaluate("accuracy", [fp32, qdq], num_samples=16, seed=3)
     random_b = trtkit.evaluate("accuracy", [fp32, qdq], num_samples=16, seed=3)
     assert to_json(random_a.data) == to_json(random_b.data) and random_a.data["num_samples"] == 16
+
+
+# ---- task metrics on real detector-, map- and sigmoid-classifier-shaped ONNX models --------------------------
+def _save_model(path, nodes, inputs, outputs, constants):
+    """An opset-17 ONNX model; inputs/outputs are (name, shape); `constants` maps initializer name -> value
+    (Python floats become float32 scalars, numpy arrays keep their dtype)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes, path.stem, [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+        [numpy_helper.from_array(v if isinstance(v, np.ndarray) else np.asarray(v, np.float32), k)
+         for k, v in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def _slice(node_name, source, start, stop, axis, target):
+    from onnx import helper
+
+    return helper.make_node("Slice", [source, f"{node_name}.starts", f"{node_name}.ends", f"{node_name}.axes"],
+                            [target], name=node_name)
+
+
+def _slice_constants(node_name, start, stop, axis):
+    return {f"{node_name}.starts": np.array([start], np.int64), f"{node_name}.ends": np.array([stop], np.int64),
+            f"{node_name}.axes": np.array([axis], np.int64)}
+
+
+# YOLOv8-shaped: x [N, 8, A] -> Concat(boxes = |x[:, :4]| * gain + bias, Sigmoid(x[:, 4:] * s + t)) on axis 1
+YOLO_REF = {"gain": 10.0, "bias": 2.0, "s": 3.0, "t": 0.0}
+YOLO_CAND = {"gain": 10.3, "bias": 2.1, "s": 3.15, "t": 0.4}
+
+
+def _yolov8_onnx(path, c):
+    from onnx import helper
+
+    nodes = [_slice("box_slice", "x", 0, 4, 1, "xb"), _slice("score_slice", "x", 4, 8, 1, "xs"),
+             helper.make_node("Abs", ["xb"], ["xb_abs"]), helper.make_node("Mul", ["xb_abs", "gain"], ["xb_g"]),
+             helper.make_node("Add", ["xb_g", "bias"], ["boxes"]), helper.make_node("Mul", ["xs", "s"], ["xs_s"]),
+             helper.make_node("Add", ["xs_s", "t"], ["logits"]),
+             helper.make_node("Sigmoid", ["logits"], ["scores"], name="score_sigmoid"),
+             helper.make_node("Concat", ["boxes", "scores"], ["output0"], axis=1)]
+    ints = {**_slice_constants("box_slice", 0, 4, 1), **_slice_constants("score_slice", 4, 8, 1)}
+    return _save_model(path, nodes, [("x", ["batch", 8, 64])], [("output0", ["batch", 8, 64])], {**c, **ints})
+
+
+def _yolov8_expected(x, c):
+    boxes = np.abs(x[:, :4].astype(np.float64)) * c["gain"] + c["bias"]
+    scores = 1 / (1 + np.exp(-(x[:, 4:].astype(np.float64) * c["s"] + c["t"])))
+    return np.moveaxis(boxes, 1, -1), np.moveaxis(scores, 1, -1)  # [N, A, 4], [N, A, C]
+
+
+def _iou_of_sets(ref_mask, got_mask):
+    a = set(zip(*np.nonzero(ref_mask), strict=True))
+    b = set(zip(*np.nonzero(got_mask), strict=True))
+    return len(a & b) / len(a | b)
+
+
+def _cxcywh_iou(a, b):
+    """IoU of [K, 4] centre-size boxes, written out coordinate by coordinate."""
+    left = np.maximum(a[:, 0] - a[:, 2] / 2, b[:, 0] - b[:, 2] / 2)
+    right = np.minimum(a[:, 0] + a[:, 2] / 2, b[:, 0] + b[:, 2] / 2)
+    top = np.maximum(a[:, 1] - a[:, 3] / 2, b[:, 1] - b[:, 3] / 2)
+    bottom = np.minimum(a[:, 1] + a[:, 3] / 2, b[:, 1] + b[:, 3] / 2)
+    inter = np.clip(right - left, 0, None) * np.clip(bottom - top, 0, None)
+    return inter / (a[:, 2] * a[:, 3] + b[:, 2] * b[:, 3] - inter)
+
+
+@pytest.fixture(scope="session")
+def yolov8_pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("yolov8")
+    x = np.random.default_rng(11).normal(-0.3, 0.6, (16, 8, 64)).astype(np.float32)
+    np.save(folder / "x.npy", x)
+    return (_yolov8_onnx(folder / "det.onnx", YOLO_REF), _yolov8_onnx(folder / "det.perturbed.onnx", YOLO_CAND),
+            folder / "x.npy", x)
+
+
+YOLO_SPECS = ["positives output=output0 axis=1 start=4 threshold=0.25",
+              "boxes output=output0 axis=1 start=0 format=cxcywh"]
+
+
+def test_detection_positives_and_boxes_match_independent_numpy(yolov8_pair):
+    ref_path, cand_path, x_path, x = yolov8_pair
+    result = trtkit.evaluate("accuracy", [ref_path, cand_path], data=str(x_path), task_metrics=YOLO_SPECS,
+                             min_positive_iou=0.5, max_box_mae={"output0": 1.0})
+    ref_boxes, ref_scores = _yolov8_expected(x, YOLO_REF)
+    cand_boxes, cand_scores = _yolov8_expected(x, YOLO_CAND)
+    ref_pos, cand_pos = ref_scores > 0.25, cand_scores > 0.25
+    positives = result.data["task_metrics"]["positives"]["output0"]
+    expected_iou = _iou_of_sets(ref_pos, cand_pos)
+    assert 0.5 < expected_iou < 0.99  # the perturbation moves the set, the test can tell
+    assert positives["positive_iou"] == pytest.approx(expected_iou, abs=1e-12)
+    assert positives["anchor_iou"] == pytest.approx(_iou_of_sets(ref_pos.any(-1), cand_pos.any(-1)), abs=1e-12)
+    assert positives["reference_positives"] == ref_pos.sum() and positives["candidate_positives"] == cand_pos.sum()
+    assert positives["activation"] == {"reference": "none", "candidate": "none"}  # probabilities: no sigmoid
+    both = ref_pos.any(-1) & cand_pos.any(-1)
+    boxes = result.data["task_metrics"]["boxes"]["output0"]
+    assert boxes["matched"] == both.sum()
+    assert boxes["box_mae"] == pytest.approx(np.abs(ref_boxes[both] - cand_boxes[both]).mean(), rel=1e-5)
+    assert boxes["box_iou"] == pytest.approx(_cxcywh_iou(ref_boxes[both], cand_boxes[both]).mean(), rel=1e-5)
+    checks = {c["metric"]: c for c in result.data["checks"]}
+    assert checks["positive_iou"]["output"] == "output0" and checks["positive_iou"]["passed"]
+    assert checks["box_mae"]["op"] == "<=" and checks["box_mae"]["passed"]
+    assert result.passed
+    failing = trtkit.evaluate("accuracy", [ref_path, cand_path], data=str(x_path), task_metrics=YOLO_SPECS,
+                              min_positive_iou=0.99)
+    assert not failing.passed and failing.data["checks"][0]["value"] == pytest.approx(expected_iou)
+    assert "positives output0: IoU" in failing.summary
+
+
+def test_remove_sigmoid_records_give_each_model_its_activation(yolov8_pair, tmp_path):
+    from trtkit.optimizing import optimize
+
+    ref_path, cand_path, x_path, x = yolov8_pair
+    logits_path = tmp_path / "det.perturbed.logits.onnx"
+    optimize(str(cand_path), [("remove-sigmoid", {"threshold": 0.25})], output=str(logits_path))
+    # the reference keeps its Sigmoid; the candidate outputs logits and says so in its metadata
+    result = trtkit.evaluate("accuracy", [ref_path, logits_path], data=str(x_path), task_metrics=YOLO_SPECS[:1])
+    positives = result.data["task_metrics"]["positives"]["output0"]
+    assert positives["activation"] == {"reference": "none", "candidate": "sigmoid"}
+    _, ref_scores = _yolov8_expected(x, YOLO_REF)
+    _, cand_scores = _yolov8_expected(x, YOLO_CAND)
+    assert positives["positive_iou"] == pytest.approx(_iou_of_sets(ref_scores > 0.25, cand_scores > 0.25))
+    # told that the scores are already probabilities, the logits are thresholded raw: a different answer
+    raw = trtkit.evaluate("accuracy", [ref_path, logits_path], data=str(x_path),
+                          task_metrics=[YOLO_SPECS[0] + " activation=none"])
+    assert raw.data["task_metrics"]["positives"]["output0"]["positive_iou"] != pytest.approx(
+        positives["positive_iou"])
+
+
+# YOLOX-shaped: x [N, A, 8] -> Concat(boxes, Sigmoid(2 x[..., 4:5]) objectness, Sigmoid(3 x[..., 5:])) on axis 2
+def _yolox_onnx(path, s):
+    from onnx import helper
+
+    nodes = [_slice("box_slice", "x", 0, 4, 2, "xb"), _slice("obj_slice", "x", 4, 5, 2, "xo"),
+             _slice("cls_slice", "x", 5, 8, 2, "xc"), helper.make_node("Abs", ["xb"], ["boxes"]),
+             helper.make_node("Mul", ["xo", "two"], ["xo2"]), helper.make_node("Sigmoid", ["xo2"], ["obj"]),
+             helper.make_node("Mul", ["xc", "s"], ["xcs"]), helper.make_node("Sigmoid", ["xcs"], ["cls"]),
+             helper.make_node("Concat", ["boxes", "obj", "cls"], ["det"], axis=2)]
+    ints = {**_slice_constants("box_slice", 0, 4, 2), **_slice_constants("obj_slice", 4, 5, 2),
+            **_slice_constants("cls_slice", 5, 8, 2)}
+    return _save_model(path, nodes, [("x", ["batch", 40, 8])], [("det", ["batch", 40, 8])],
+                       {"two": 2.0, "s": s, **ints})
+
+
+def test_yolox_objectness_times_class_scores(tmp_path):
+    x = np.random.default_rng(12).normal(0, 1, (8, 40, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    ref, cand = _yolox_onnx(tmp_path / "ref.onnx", 3.0), _yolox_onnx(tmp_path / "cand.onnx", 3.3)
+    result = trtkit.evaluate("accuracy", [ref, cand], data=str(tmp_path / "x.npy"),
+                             task_metrics="positives output=det start=5 objectness=4 threshold=0.3")
+    x64 = x.astype(np.float64)
+    obj = 1 / (1 + np.exp(-2 * x64[..., 4:5]))
+    ref_score = obj / (1 + np.exp(-3.0 * x64[..., 5:]))
+    cand_score = obj / (1 + np.exp(-3.3 * x64[..., 5:]))
+    found = result.data["task_metrics"]["positives"]["det"]
+    expected = _iou_of_sets(ref_score > 0.3, cand_score > 0.3)
+    assert 0.3 < expected < 1.0
+    assert found["positive_iou"] == pytest.approx(expected, abs=1e-12)
+    assert found["settings"]["objectness"] == 4
+
+
+# DB-style probability map: x [N, 1, 12, 12] -> Sigmoid(x * a + b)
+def _map_onnx(path, a, b):
+    from onnx import helper
+
+    nodes = [helper.make_node("Mul", ["x", "a"], ["xa"]), helper.make_node("Add", ["xa", "b"], ["z"]),
+             helper.make_node("Sigmoid", ["z"], ["prob"])]
+    return _save_model(path, nodes, [("x", ["batch", 1, 12, 12])], [("prob", ["batch", 1, 12, 12])],
+                       {"a": a, "b": b})
+
+
+def test_map_iou_and_sqnr_with_gates(tmp_path):
+    x = np.random.default_rng(13).normal(0, 1, (6, 1, 12, 12)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    ref, cand = _map_onnx(tmp_path / "ref.onnx", 4.0, 0.0), _map_onnx(tmp_path / "cand.onnx", 4.4, 0.3)
+    result = trtkit.evaluate("accuracy", [ref, cand], data=str(tmp_path / "x.npy"),
+                             task_metrics=["map output=prob threshold=0.3"], min_map_iou=0.5, min_map_sqnr=40)
+    p_ref = 1 / (1 + np.exp(-4.0 * x.astype(np.float64)))
+    p_cand = 1 / (1 + np.exp(-(4.4 * x.astype(np.float64) + 0.3)))
+    found = result.data["task_metrics"]["map"]["prob"]
+    assert found["map_iou"] == pytest.approx(_iou_of_sets(p_ref > 0.3, p_cand > 0.3), abs=1e-12)
+    assert found["map_sqnr_db"] == pytest.approx(10 * np.log10(np.sum(p_ref**2) / np.sum((p_cand - p_ref) ** 2)),
+                                                 rel=1e-4)
+    verdicts = {c["metric"]: c["passed"] for c in result.data["checks"]}
+    assert verdicts == {"map_iou": True, "map_sqnr_db": False} and not result.passed
+
+
+# Multi-label classifier ending in a Sigmoid: x [N, 16] -> Sigmoid(x W)
+def _sigmoid_classifier(path, weight):
+    from onnx import helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Sigmoid", ["z"], ["scores"])]
+    return _save_model(path, nodes, [("x", ["batch", 16])], [("scores", ["batch", 6])],
+                       {"w": weight.astype(np.float32)})
+
+
+def test_confident_subset_of_sigmoid_outputs_and_removed_sigmoid_logits(tmp_path):
+    from trtkit.optimizing import optimize
+
+    rng = np.random.default_rng(14)
+    weight = rng.normal(0, 0.5, (16, 6))
+    x = rng.normal(0, 1, (128, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    ref = _sigmoid_classifier(tmp_path / "ref.onnx", weight)
+    cand = _sigmoid_classifier(tmp_path / "cand.onnx", weight + rng.normal(0, 0.15, weight.shape))
+    z_ref = x.astype(np.float64) @ weight.astype(np.float32).astype(np.float64)
+    z_cand = run_float(cand, {"x": x})["scores"]
+    confident = 1 / (1 + np.exp(-z_ref.max(1))) > 0.9
+    same = z_ref.argmax(1) == z_cand.argmax(1)
+    assert 0.1 < confident.mean() < 0.95 and not same.all()
+    task = trtkit.evaluate("accuracy", [ref, cand], data=str(tmp_path / "x.npy"), confidence=0.9).data["task"]
+    assert task["scores_kind"] == "sigmoid"
+    assert task["confident_fraction"] == pytest.approx(confident.mean())
+    assert task["confident_agreement"] == pytest.approx(same[confident].mean())
+    # Sigmoids removed from both: logits, recognised from the reference's remove-sigmoid record
+    paths = []
+    for path in (ref, cand):
+        paths.append(tmp_path / f"{path.stem}.logits.onnx")
+        optimize(str(path), ["remove-sigmoid"], output=str(paths[-1]))
+    logits = trtkit.evaluate("accuracy", paths, data=str(tmp_path / "x.npy"), confidence=0.9).data["task"]
+    assert logits["scores_kind"] == "sigmoid_logits"
+    assert logits["confident_fraction"] == pytest.approx(confident.mean())
+    # forcing softmax on those logits picks another subset: the kind matters
+    forced = trtkit.evaluate("accuracy", paths, data=str(tmp_path / "x.npy"), confidence=0.9,
+                             scores_kind="logits").data["task"]
+    assert forced["confident_fraction"] != pytest.approx(confident.mean())

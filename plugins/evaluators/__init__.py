@@ -38,6 +38,18 @@ ACCURACY_OPTIONS = {
     "min_confident_agreement": Option("str", None, "minimum top-1 agreement on the confident subset (0..1)"),
     "min_top1": Option("str", None, "minimum candidate top-1 accuracy (needs labels)"),
     "max_top1_drop": Option("str", None, "maximum top-1 accuracy drop vs the reference (needs labels)"),
+    "scores_kind": Option("str", "auto", "what the scores output holds, for the confident subset: auto (from the "
+                          "values and the remove-sigmoid record), logits, probabilities, sigmoid, sigmoid_logits",
+                          choices=("auto", "logits", "probabilities", "sigmoid", "sigmoid_logits")),
+    "task_metrics": Option("list", [], "task metrics 'KIND key=value ...' (positives, boxes, map), e.g. "
+                           "'positives output=out axis=1 start=4 threshold=0.25'; see docs/stages/evaluate.md"),
+    "min_positive_iou": Option("str", None, "minimum IoU of the positive sets of a positives task metric; "
+                               "[name:]value[,name:value...]"),
+    "min_anchor_iou": Option("str", None, "minimum IoU of the positive anchors of a positives task metric"),
+    "min_box_iou": Option("str", None, "minimum mean box IoU on matched positives of a boxes task metric"),
+    "max_box_mae": Option("str", None, "maximum mean absolute box error on matched positives (boxes task metric)"),
+    "min_map_iou": Option("str", None, "minimum pixel IoU of a map task metric"),
+    "min_map_sqnr": Option("str", None, "minimum SQNR (dB) of a map task metric (after its activation)"),
 }
 
 SPEED_OPTIONS = {

@@ -1,4 +1,9 @@
-"""The `accuracy` evaluator: a candidate against a reference on the same inputs, with tolerance gates."""
+"""The `accuracy` evaluator: a candidate against a reference on the same inputs, with tolerance gates.
+
+Besides the per-output tensor metrics and top-1 agreement, task metrics on named outputs (`task_metrics`,
+`trtkit.metrics.parse_task_metric` syntax): positive-set IoU of detection scores, box error on matched
+positives, mask / probability-map IoU and SQNR; each can be gated (min_positive_iou, max_box_mae, ...).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from trtkit.evaluation import (
     run_batches,
     run_mode,
 )
+from trtkit.model import ModelArtifact
 from trtkit.stages import EvaluationResult
 
 # option -> (where the value is, metric key, direction)
@@ -35,16 +41,28 @@ _TASK_GATES = {
     "min_top1": ("candidate_top1", ">="),
     "max_top1_drop": ("top1_drop", "<="),
 }
+# option -> (metric key in metrics.TASK_GATES, direction); the gate's names are task metric names.
+_TASK_METRIC_GATES = {
+    "min_positive_iou": ("positive_iou", ">="),
+    "min_anchor_iou": ("anchor_iou", ">="),
+    "min_box_iou": ("box_iou", ">="),
+    "max_box_mae": ("box_mae", "<="),
+    "min_map_iou": ("map_iou", ">="),
+    "min_map_sqnr": ("map_sqnr", ">="),
+}
 
 
 def evaluate_accuracy(models: list[str], data: str | None, num_samples: int, batch_size: int, seed: int,
                       labels: str | None, scores: str | None, topk: list[Any], confidence: float,
-                      runtime_kernels: bool, metric: str | None, **tolerances: str | None) -> EvaluationResult:
+                      runtime_kernels: bool, metric: str | None, task_metrics: list[Any] | None = None,
+                      scores_kind: str = "auto", **tolerances: str | None) -> EvaluationResult:
     if len(models) < 2:
         raise OptionError("accuracy needs a reference and at least one candidate: REFERENCE CANDIDATE...")
     ks = _ks(topk)
     reference = models[0]
     ref_runner = open_model(reference, emulate_qdq=True)
+    tasks = metrics.parse_task_metrics(task_metrics, ref_runner.output_names)
+    ref_records = _logit_records(reference)
     batches = load_batches(data, reference, num_samples or (0 if data else 64), batch_size, seed)
     if not batches:
         raise DataError(f"{data}: no samples")
@@ -60,8 +78,10 @@ def evaluate_accuracy(models: list[str], data: str | None, num_samples: int, bat
         if missing:
             raise DataError(f"{candidate} has no output '{missing[0]}' (the reference {reference} has it)")
         cand_out = run_batches(cand_runner, batches, Path(candidate).name)
-        results.append(_compare(reference, candidate, ref_runner.output_names, ref_out, cand_out, label_array,
-                                scores, ks, confidence, metric, tolerances, run_mode(candidate, emulate), n))
+        result = _compare(reference, candidate, ref_runner.output_names, ref_out, cand_out, label_array,
+                          scores, scores_kind, ks, confidence, metric, tasks, ref_records, tolerances,
+                          run_mode(candidate, emulate), n)
+        results.append(result)
     passed = all(r["passed"] for r in results)
     data_out: dict[str, Any] = results[0] if len(results) == 1 else {"candidates": results, "passed": passed}
     return EvaluationResult(data=data_out, summary="\n".join(_summary(r) for r in results), passed=passed)
@@ -109,10 +129,29 @@ def _scores_output(names: list[str], outputs: dict[str, np.ndarray], scores: str
     return None
 
 
+def _logit_records(path: str) -> dict[str, Any]:
+    """The remove-sigmoid record of an ONNX artefact ({output: which channels are logits}); {} otherwise."""
+    if not str(path).endswith(".onnx"):
+        return {}
+    record = ModelArtifact.load(path).metadata.get("sigmoid_removed")
+    outputs = record.get("outputs") if isinstance(record, dict) else None
+    return outputs if isinstance(outputs, dict) else {}
+
+
+def _scores_kind(requested: str, ref_records: dict[str, Any], score_name: str, ref_scores: np.ndarray) -> str:
+    """What the class scores are: as requested, else logits of a removed Sigmoid when the reference's record
+    says so, else from the values (metrics.score_kind)."""
+    if requested != "auto":
+        return requested
+    if score_name in ref_records:
+        return "sigmoid_logits"
+    return metrics.score_kind(ref_scores)
+
+
 def _compare(reference: str, candidate: str, names: list[str], ref_out: dict[str, np.ndarray],
-             cand_out: dict[str, np.ndarray], labels: np.ndarray | None, scores: str | None, ks: list[int],
-             confidence: float, metric: str | None, tolerances: dict[str, str | None], mode: str,
-             n: int) -> dict[str, Any]:
+             cand_out: dict[str, np.ndarray], labels: np.ndarray | None, scores: str | None, scores_kind: str,
+             ks: list[int], confidence: float, metric: str | None, tasks: list[metrics.TaskMetric],
+             ref_records: dict[str, Any], tolerances: dict[str, str | None], mode: str, n: int) -> dict[str, Any]:
     outputs: dict[str, dict[str, float]] = {}
     for name in names:
         if ref_out[name].shape != cand_out[name].shape:
@@ -124,7 +163,8 @@ def _compare(reference: str, candidate: str, names: list[str], ref_out: dict[str
     if score_name is not None:
         ref_scores, cand_scores = ref_out[score_name], cand_out[score_name]
         task["scores_output"] = score_name
-        task.update(metrics.top1_agreement(ref_scores, cand_scores, confidence))
+        kind = _scores_kind(scores_kind, ref_records, score_name, ref_scores)
+        task.update(metrics.top1_agreement(ref_scores, cand_scores, confidence, kind))
         task["confidence_threshold"] = confidence
         if labels is not None:
             for k in ks:
@@ -138,11 +178,17 @@ def _compare(reference: str, candidate: str, names: list[str], ref_out: dict[str
                 task["candidate_top1"] = metrics.topk_accuracy(cand_scores, labels, 1)
     if metric:
         task["custom"] = _custom_metric(metric, ref_out, cand_out, labels)
+    task_results = metrics.measure_task_metrics(tasks, ref_out, cand_out, ref_records,
+                                                _logit_records(candidate)) if tasks else {}
     checks = _checks(names, outputs, task, score_name, labels is not None, tolerances)
-    return {
+    checks += _task_metric_checks(task_results, tolerances)
+    result = {
         "reference": reference, "candidate": candidate, "mode": mode, "num_samples": n,
         "outputs": outputs, "task": task, "checks": checks, "passed": all(c["passed"] for c in checks),
     }
+    if task_results:
+        result["task_metrics"] = task_results
+    return result
 
 
 def _custom_metric(spec: str, ref_out: dict[str, np.ndarray], cand_out: dict[str, np.ndarray],
@@ -179,6 +225,24 @@ def _checks(names: list[str], outputs: dict[str, dict[str, float]], task: dict[s
     return checks
 
 
+def _task_metric_checks(task_results: dict[str, dict[str, dict[str, Any]]],
+                        tolerances: dict[str, str | None]) -> list[dict[str, Any]]:
+    """Gates on task metrics: '[name:]value[,name:value...]' over the metrics of the gate's kind."""
+    checks = []
+    for option, (stem, direction) in _TASK_METRIC_GATES.items():
+        spec = tolerances.get(option)
+        if spec is None or str(spec).strip() == "":
+            continue
+        kind, key = metrics.TASK_GATES[stem]
+        found = task_results.get(kind, {})
+        if not found:
+            raise OptionError(f"option '{option}' needs a {kind} task metric "
+                              f"(-O task_metrics='{kind} output=NAME ...' or --task-metric)")
+        for name, limit in parse_tolerance(spec, list(found), option).items():
+            checks.append(_check(name, key, direction, limit, found[name][key]))
+    return checks
+
+
 def _check(output: str, key: str, direction: str, limit: float, value: float) -> dict[str, Any]:
     passed = False if math.isnan(value) else value >= limit if direction == ">=" else value <= limit
     return {"output": output, "metric": key, "op": direction, "limit": limit, "value": value, "passed": passed}
@@ -196,8 +260,25 @@ def _summary(result: dict[str, Any]) -> str:
                      f"({task['confident_fraction']:.0%} of samples) {task['confident_agreement']:.4f}")
     for key in sorted(k for k in task if k.startswith(("reference_top", "candidate_top"))):
         lines.append(f"  {key} {task[key]:.4f}")
+    lines += task_metric_lines(result.get("task_metrics") or {}, "  ")
     for check in result["checks"]:
         state = "pass" if check["passed"] else "FAIL"
         lines.append(f"  [{state}] {check['output']} {check['metric']} {check['value']:.6g} {check['op']} "
                      f"{check['limit']:g}")
     return "\n".join(lines)
+
+
+def task_metric_lines(task_results: dict[str, dict[str, dict[str, Any]]], indent: str = "") -> list[str]:
+    """One human line per task metric (the CLI's and the summary's)."""
+    lines = []
+    for name, m in task_results.get("positives", {}).items():
+        lines.append(f"{indent}positives {name}: IoU {m['positive_iou']:.4f} (anchors {m['anchor_iou']:.4f}); "
+                     f"{m['reference_positives']:.0f} reference vs {m['candidate_positives']:.0f} candidate "
+                     f"positives > {m['settings']['threshold']:g} ({m['activation']['reference']})")
+    for name, m in task_results.get("boxes", {}).items():
+        lines.append(f"{indent}boxes {name}: mean IoU {m['box_iou']:.4f}, MAE {m['box_mae']:.4g}, SQNR "
+                     f"{m['box_sqnr_db']:.2f} dB on {m['matched']:.0f} anchors positive in both")
+    for name, m in task_results.get("map", {}).items():
+        lines.append(f"{indent}map {name}: IoU {m['map_iou']:.4f} at > {m['settings']['threshold']:g}, SQNR "
+                     f"{m['map_sqnr_db']:.2f} dB ({m['activation']['reference']})")
+    return lines
