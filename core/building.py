@@ -20,12 +20,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BuildError, InputFileError, OptionError, TrtkitError
-from .model import ModelArtifact
+from .model import ModelArtifact, as_artifact
 from .registry import get_registry
 from .stages import Builder
+
+if TYPE_CHECKING:
+    import onnx
 
 
 def get_builder(name: str | None = None) -> Builder:
@@ -56,24 +59,25 @@ def _usable(builder: str | None) -> Builder:
     return component
 
 
-def build(model: str | os.PathLike[str] | ModelArtifact, output: str | os.PathLike[str] | None = None,
-          builder: str | None = None, **options: Any) -> Path:
-    """Build `model` (a .onnx path or a ModelArtifact) with the named builder (None: the default one);
-    returns the written artefact.
+def build(model: str | os.PathLike[str] | ModelArtifact | onnx.ModelProto,
+          output: str | os.PathLike[str] | None = None, builder: str | None = None, **options: Any) -> Path:
+    """Build `model` (a .onnx path, a ModelArtifact or a ModelProto) with the named builder (None: the default
+    one); returns the written artefact.
 
     Raises UnknownNameError for unknown builders, OptionError for bad or contradictory options, BuildError
     when the builder is not usable here (with the reason) or the build fails.
     """
     component = _usable(builder)
     resolved = component.resolve_options(options)
-    if isinstance(model, ModelArtifact):
+    if not isinstance(model, (str, os.PathLike)):  # in memory: builders read files, so it is staged as one
+        artifact = as_artifact(model, "build: model")
         if output is None:
-            if model.source is None:
+            if artifact.source is None:
                 raise OptionError("build: give an output path for an in-memory model")
-            output = default_output(model.source, component.name)
+            output = default_output(artifact.source, component.name)
         with tempfile.TemporaryDirectory(prefix="trtkit-build-") as folder:
-            stem = model.source.stem if model.source is not None else "model"
-            staged = model.save(Path(folder) / f"{stem}.onnx")
+            stem = artifact.source.stem if artifact.source is not None else "model"
+            staged = artifact.save(Path(folder) / f"{stem}.onnx")
             return Path(component.build(staged, output, **resolved))
     path = Path(model)
     if not path.is_file():

@@ -136,6 +136,18 @@ def test_default_builder_output_names_and_input_specs_come_from_the_components(r
     assert model_inputs(str(out)) == {"x": ("float32", (None, 16, 8, 8))}  # read through describe()
     assert build(model) == tmp_path / "m.ort.onnx"  # builder=None: the default one
 
+    # In memory (ModelArtifact, ModelProto): staged to a file for the builder, named after its source.
+    import onnx
+
+    from trtkit.errors import OptionError
+    from trtkit.model import ModelArtifact
+
+    (tmp_path / "m.weights.npz").unlink()
+    assert build(ModelArtifact.load(model), builder="weights-npz") == tmp_path / "m.weights.npz"
+    with pytest.raises(OptionError, match="give an output path for an in-memory model"):
+        build(onnx.load(str(model)))
+    assert model_inputs(str(build(onnx.load(str(model)), tmp_path / "p.ort.onnx"))) == {"x": ("float32", ("N", 16, 8, 8))}
+
 
 def test_core_build_code_names_no_builder():
     for path in ("core/building.py", "core/runners.py"):
