@@ -19,19 +19,17 @@ activations. Statistics of slice k are computed while onnxruntime runs slice k +
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import DataError, InputFileError, OptionError, UnknownNameError, unknown_name
+from .scales import Scales, load_overrides, model_fingerprint, read_scales_file, tensor_names
 
 if TYPE_CHECKING:
     import onnx
@@ -42,8 +40,6 @@ FINE_BINS = 8192          # internal histogram resolution (power of two)
 ENTROPY_BINS = 2048       # TensorRT EntropyCalibrator2: |x| histogram bins over [0, amax_observed]
 ENTROPY_LEVELS = 128      # quantized levels of the positive half
 ENTROPY_START = 128       # first candidate bin
-SCALES_FORMAT = "trtkit-scales"
-SCALES_VERSION = 1
 CHUNK = 1 << 20           # elements binned at a time
 DEFAULT_METHOD = "percentile"  # best or within 0.3 dB of the best on every benchmark model (docs/benchmarks.md)
 # Histogram positions per sample per tensor (see collect(per_item=...)). Binning costs ~5 ns a value in numpy
@@ -344,12 +340,6 @@ def tensors_to_observe(model: onnx.ModelProto, which: str | Iterable[str] = "qua
     raise OptionError(f"tensors must be 'quantizable', 'all' or a list of names, got {which!r}")
 
 
-def tensor_names(model: onnx.ModelProto) -> set[str]:
-    graph = model.graph
-    return ({v.name for v in graph.input} | {o for n in graph.node for o in n.output} | {v.name for v in graph.output}
-            | {t.name for t in graph.initializer}) - {""}
-
-
 def _check_names(model: onnx.ModelProto, names: Iterable[str], kind: str, where: str = "") -> None:
     known = tensor_names(model)
     for name in names:
@@ -359,11 +349,6 @@ def _check_names(model: onnx.ModelProto, names: Iterable[str], kind: str, where:
 
 
 # ---- collection --------------------------------------------------------------------------------------------
-
-def model_fingerprint(model: onnx.ModelProto) -> str:
-    """SHA-256 of the graph (nodes, initializers or their external references), ignoring trtkit metadata."""
-    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
-
 
 def _artifact(model: Any) -> ModelArtifact:
     from .model import ModelArtifact
@@ -609,7 +594,7 @@ def calibrate(
 
     get_registry().calibrator(method)  # unknown names fail before any work
     if overrides is not None and not isinstance(overrides, Mapping):
-        _read_overrides_file(overrides)  # bad files fail before any work
+        read_scales_file(overrides)  # bad files fail before any work
     stats = collect(model, data, tensors=tensors, batch_size=batch_size, limit=limit, preprocess=preprocess,
                     threads=threads, progress=progress, histograms=method != "minmax",
                     per_item=histogram_positions(method, per_item))
@@ -627,183 +612,3 @@ def histogram_positions(method: str, per_item: int | None | str = "auto") -> int
     if per_item is not None and (isinstance(per_item, (bool, str)) or not isinstance(per_item, int) or per_item < 1):
         raise OptionError(f"histogram positions must be an integer >= 1 or None (every value), got {per_item!r}")
     return per_item
-
-
-# ---- custom scales -----------------------------------------------------------------------------------------
-
-def _read_overrides_file(path: Any) -> tuple[dict[str, float], str]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if text.startswith("TRT-"):
-        from .trtcache import read_cache
-
-        return dict(read_cache(path)), str(path)
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text)
-        else:
-            raw = json.loads(text)
-    except Exception as exc:
-        raise InputFileError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({type(exc).__name__})") from None
-    if isinstance(raw, dict) and raw.get("format") == SCALES_FORMAT:
-        raw = {name: entry for name, entry in raw.get("tensors", {}).items()}
-    if not isinstance(raw, dict):
-        raise InputFileError(f"{path}: expected a mapping of tensor name -> amax")
-    return _parse_override_values(raw, str(path)), str(path)
-
-
-def _parse_override_values(raw: Mapping[Any, Any], where: str) -> dict[str, float]:
-    result: dict[str, float] = {}
-    for name, entry in raw.items():
-        if isinstance(entry, Mapping):
-            if "amax" in entry:
-                value = entry["amax"]
-                factor = 1.0
-            elif "scale" in entry:
-                value = entry["scale"]
-                factor = 127.0
-            else:
-                raise DataError(f"{where}: tensor '{name}' needs 'amax' or 'scale'")
-        else:
-            value, factor = entry, 1.0
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DataError(f"{where}: tensor '{name}' has a non-numeric value {value!r}")
-        if not math.isfinite(float(value)) or float(value) <= 0:
-            raise DataError(f"{where}: tensor '{name}' has a non-positive or non-finite value {value!r} (must be > 0)")
-        result[str(name)] = float(value) * factor
-    return result
-
-
-def load_overrides(overrides: Any, known: set[str] | None = None) -> dict[str, float]:
-    """Custom scales as tensor -> amax; names are checked against `known` (close matches listed)."""
-    if isinstance(overrides, Scales):
-        values, where = dict(overrides), "overrides"
-    elif isinstance(overrides, Mapping):
-        values, where = _parse_override_values(overrides, "overrides"), "overrides"
-    else:
-        values, where = _read_overrides_file(overrides)
-    if known is not None:
-        for name in values:
-            if name not in known:
-                raise UnknownNameError(f"{where}: {unknown_name('tensor', name, known)}")
-    return values
-
-
-# ---- the Scales object -------------------------------------------------------------------------------------
-
-class Scales(Mapping[str, float]):
-    """tensor name -> amax (symmetric int8: scale = amax / 127), with how and from what they were computed."""
-
-    def __init__(
-        self,
-        amax: Mapping[str, float],
-        method: str = "custom",
-        options: Mapping[str, Any] | None = None,
-        model: Mapping[str, Any] | None = None,
-        data: Mapping[str, Any] | None = None,
-        sources: Mapping[str, str] | None = None,
-        stats: Mapping[str, Mapping[str, Any]] | None = None,
-    ) -> None:
-        for name, value in amax.items():
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise DataError(f"tensor '{name}': amax must be a positive finite number, got {value!r}")
-        self._amax = {str(k): float(v) for k, v in amax.items()}
-        self.method = method
-        self.options = dict(options or {})
-        self.model = dict(model or {})
-        self.data = dict(data or {})
-        self.sources = {k: sources.get(k, method) for k in self._amax} if sources else dict.fromkeys(self._amax, method)
-        self.stats = {k: dict(v) for k, v in (stats or {}).items()}
-        self.zero: list[str] = []  # tensors a TensorRT cache gave scale 0 (no range; written back as 0)
-
-    def __getitem__(self, name: str) -> float:
-        return self._amax[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._amax)
-
-    def __len__(self) -> int:
-        return len(self._amax)
-
-    def __repr__(self) -> str:
-        return f"Scales({len(self)} tensors, method={self.method!r})"
-
-    def scale(self, name: str) -> float:
-        return self._amax[name] / 127.0
-
-    def with_overrides(self, overrides: Any, known: set[str] | None = None) -> Scales:
-        pinned = load_overrides(overrides, known)
-        amax = {**self._amax, **pinned}
-        sources = {**self.sources, **dict.fromkeys(pinned, "override")}
-        return Scales(amax, self.method, self.options, self.model, self.data, sources, self.stats)
-
-    def to_dict(self) -> dict[str, Any]:
-        tensors = {}
-        for name in sorted(self._amax):
-            entry: dict[str, Any] = {"amax": self._amax[name], "scale": self._amax[name] / 127.0,
-                                     "source": self.sources.get(name, self.method)}
-            if name in self.stats:
-                entry["min"] = self.stats[name].get("min")
-                entry["max"] = self.stats[name].get("max")
-                if "clipped" in self.stats[name]:
-                    entry["clipped"] = self.stats[name]["clipped"]
-            tensors[name] = entry
-        return {
-            "format": SCALES_FORMAT,
-            "version": SCALES_VERSION,
-            "method": self.method,
-            "options": self.options,
-            "model": self.model,
-            "data": self.data,
-            "tensors": tensors,
-        }
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        from .fileio import write_text
-
-        write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Scales:
-        """Read a scales JSON (ours), a plain JSON/YAML tensor -> amax file, or a TensorRT calibration cache."""
-        path = Path(path)
-        if not path.is_file():
-            raise InputFileError(f"{path}: no such file")
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if text.startswith("TRT-"):
-            from .trtcache import read_cache
-
-            return read_cache(path)
-        try:
-            raw = json.loads(text) if path.suffix.lower() not in (".yaml", ".yml") else None
-        except json.JSONDecodeError:
-            raise InputFileError(f"{path}: not a scales JSON file") from None
-        if isinstance(raw, dict) and raw.get("format") == SCALES_FORMAT:
-            tensors = raw.get("tensors")
-            if not isinstance(tensors, dict):
-                raise InputFileError(f"{path}: scales file without a 'tensors' mapping")
-            amax = _parse_override_values(tensors, str(path))
-            sources = {str(n): str(e.get("source", raw.get("method", "custom"))) for n, e in tensors.items()
-                       if isinstance(e, dict)}
-            stats = {n: {k: e[k] for k in ("min", "max", "clipped") if k in e} for n, e in tensors.items()
-                     if isinstance(e, dict) and "min" in e and "max" in e}
-            return cls(amax, raw.get("method", "custom"), raw.get("options"), raw.get("model"), raw.get("data"),
-                       sources, stats)
-        values, _ = _read_overrides_file(path)
-        return cls(values, method="custom", sources=dict.fromkeys(values, "override"))
-
-
-def as_scales(value: Any) -> Scales:
-    """Scales from a Scales, a mapping tensor -> amax, or a file path."""
-    if isinstance(value, Scales):
-        return value
-    if isinstance(value, Mapping):
-        return Scales(_parse_override_values(value, "scales"))
-    if isinstance(value, (str, os.PathLike)):
-        return Scales.load(value)
-    raise OptionError(f"scales must be a Scales object, a mapping or a file path, not {type(value).__name__}")

@@ -35,8 +35,8 @@ from .errors import OptionError, UnknownNameError, unknown_name
 if TYPE_CHECKING:
     import onnx
 
-    from .calibration import Scales
     from .model import ModelArtifact
+    from .scales import Scales
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 POOL_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
@@ -376,7 +376,7 @@ def quantize(
     import onnx
     from onnx import helper, numpy_helper
 
-    from .calibration import as_scales
+    from .scales import as_scales
 
     source = _load_artifact(model)
     scale_map = as_scales(scales)
@@ -404,7 +404,7 @@ def quantize(
             raise OptionError(f"model opset {_opset(artifact.model)} < {MIN_OPSET} and conversion failed: {exc}") from None
         artifact.model = m
     folded = fold_constants(m)
-    from .calibration import model_fingerprint, tensor_names
+    from .scales import model_fingerprint, tensor_names
 
     known = tensor_names(m)
     if len(scale_map) and not any(name in known for name in scale_map):

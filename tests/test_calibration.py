@@ -13,7 +13,6 @@ from qdq_models import conv_model, random_batch, residual_model
 
 from trtkit.calibration import (
     FINE_BINS,
-    Scales,
     TensorStats,
     amax_entropy,
     amax_minmax,
@@ -24,6 +23,7 @@ from trtkit.calibration import (
 )
 from trtkit.errors import DataError, InputFileError, OptionError, UnknownNameError
 from trtkit.registry import get_registry
+from trtkit.scales import Scales
 
 METHODS = ("minmax", "entropy", "percentile", "mse")
 

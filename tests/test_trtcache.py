@@ -9,8 +9,9 @@ import onnx
 import pytest
 from qdq_models import random_batch, residual_model
 
-from trtkit.calibration import Scales, calibrate
+from trtkit.calibration import calibrate
 from trtkit.errors import InputFileError, OptionError, UnknownNameError
+from trtkit.scales import Scales
 from trtkit.trtcache import float_to_hex, format_cache, read_cache, version_number, write_cache
 
 

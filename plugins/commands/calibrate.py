@@ -12,7 +12,17 @@ from typing import Annotated
 import typer
 
 from trtkit import hookimpl
-from trtkit.cli_args import parse_key_values
+from trtkit.cli_args import (
+    BatchSizeFlag,
+    DataFlag,
+    JsonFlag,
+    NumSamplesFlag,
+    PreprocessFlag,
+    options_flag,
+    output_flag,
+    parse_options,
+    parse_preprocess,
+)
 
 HELP_ORDER = 30
 
@@ -28,19 +38,19 @@ def _positions(method: str, value: int | None) -> int | None:
 
 def calibrate_command(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
-    data: Annotated[str, typer.Option("--data", "-d", help=".npy, .npz or a folder of images.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Scales JSON to write.")] = Path("scales.json"),
+    data: DataFlag,
+    output: Annotated[Path, output_flag("Scales JSON to write (default: scales.json).")] = Path("scales.json"),
     method: Annotated[str, typer.Option("--method", "-m", help="Calibrator: percentile (99.99), entropy (TensorRT's EntropyCalibrator2), minmax, mse, ...")] = "percentile",
-    option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Calibrator option KEY=VALUE (repeatable).")] = None,
+    option: Annotated[list[str] | None, options_flag("Calibrator")] = None,
     override: Annotated[Path | None, typer.Option("--override", help="Custom scales (JSON/YAML tensor -> amax, or a TensorRT cache) pinning chosen tensors.")] = None,
     cache: Annotated[Path | None, typer.Option("--cache", help="Also write a TensorRT calibration cache here.")] = None,
     trt_version: Annotated[str, typer.Option("--trt-version", help="TensorRT version for the cache header (8.6.1 -> TRT-8601-...).")] = "8.6.1",
     tensors: Annotated[str, typer.Option("--tensors", help="quantizable (what `quantize` uses) or all (every float activation; default with --cache).")] = "",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per onnxruntime run.")] = 32,
-    limit: Annotated[int | None, typer.Option("--limit", "-n", help="Use at most this many samples.")] = None,
-    preprocess: Annotated[list[str] | None, typer.Option("--preprocess", "-P", help="Image preprocessing KEY=VALUE: resize, crop, scale, mean, std, channels, layout.")] = None,
+    batch_size: BatchSizeFlag = 32,
+    num_samples: NumSamplesFlag = None,
+    preprocess: PreprocessFlag = None,
     per_sample: Annotated[int | None, typer.Option("--histogram-positions", help="Histogram at most this many evenly spread positions of each sample of each tensor (min/max stay exact); 0: every value. Default: 4096, every value for entropy.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary on stdout.")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Run the model over calibration data once and write per-tensor ranges (amax, scale = amax/127)."""
     from trtkit.calibration import collect
@@ -50,17 +60,18 @@ def calibrate_command(
     from trtkit.ui import console
 
     calibrator = get_registry().calibrator(method)
-    options = calibrator.resolve_options(parse_key_values(option, "--option"))
+    options = calibrator.resolve_options(parse_options(option))
     if cache is not None:
         version_number(trt_version)  # a bad version fails before any work
     if override is not None:
-        from trtkit.calibration import _read_overrides_file
+        from trtkit.scales import read_scales_file
 
-        _read_overrides_file(override)
+        read_scales_file(override)
     check_output_path(output, model)
     which = tensors or ("all" if cache is not None else "quantizable")
-    stats = collect(model, data, tensors=which, batch_size=batch_size, limit=limit,
-                    preprocess=parse_key_values(preprocess, "--preprocess") or None,
+    assert data is not None  # typer: a required option
+    stats = collect(model, data, tensors=which, batch_size=batch_size, limit=num_samples,
+                    preprocess=parse_preprocess(preprocess),
                     histograms=method != "minmax", per_item=_positions(method, per_sample))
     scales = stats.compute(method, overrides=override, options=options)
     scales.save(output)
