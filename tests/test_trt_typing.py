@@ -1,4 +1,5 @@
-"""Type-check the shared TensorRT code against the `tensorrt-stubs` package (TensorRT 10.13 API).
+"""Type-check the TensorRT builder plugin (plugins/tensorrt/) against the `tensorrt-stubs` package
+(TensorRT 10.13 API).
 
 The installed stubs are not usable by mypy as they are: they lack a py.typed marker next to
 `tensorrt/__init__.pyi`, and `tensorrt_bindings/tensorrt.pyi` has about 30 syntax errors (parameters named `in`,
@@ -70,7 +71,7 @@ def _repair(source: str) -> str:
 
 
 @pytest.mark.slow
-def test_trt_common_type_checks_against_tensorrt_stubs(tmp_path):
+def test_tensorrt_plugin_type_checks_against_tensorrt_stubs(tmp_path):
     pytest.importorskip("mypy")
     trt_stubs, bindings = _stub_dir("tensorrt"), _stub_dir("tensorrt_bindings")
     if trt_stubs is None or bindings is None:

@@ -1,4 +1,4 @@
-"""Shared TensorRT code: option rules per TensorRT version, shape syntax, calibration data, and the
+"""The TensorRT builder plugin (plugins/tensorrt/): option rules per TensorRT version, shape syntax, calibration data, and the
 full-TensorRT paths (run where `tensorrt` and a GPU exist, skipped with the reason elsewhere)."""
 
 from __future__ import annotations
