@@ -6,6 +6,11 @@ graphsurgeon Constant whose values are read from disk only if a pass asks for th
 untouched ones as the same external references. So a pass over a model above the 2 GB protobuf limit holds
 only the tensors it rewrites; `ModelArtifact.save` then streams the rest from the source data file.
 
+A graph pass is usually one call to `rewrite(artifact, edit)`: it makes the editable copy, imports it with
+lazy weights, lets `edit(graph)` change the graphsurgeon graph in place, refolds, exports and wraps the result
+as a new ModelArtifact. The helpers below it (constant_value, new_constant, fresh_name, single_consumer,
+bypass, ...) are what the built-in passes use inside their edits.
+
 Heavy modules (onnx, onnx_graphsurgeon, numpy) are imported inside the functions.
 """
 
@@ -14,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Container, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -409,6 +414,76 @@ def _skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     return skeleton, True
 
 
+def rewrite(artifact: ModelArtifact, edit: Callable[[Any], object], *, fold: bool = True,
+            model: onnx.ModelProto | None = None) -> ModelArtifact:
+    """The round trip of a graph pass: `edit(graph)` changes an onnx-graphsurgeon copy of the artefact's
+    model in place; the result comes back as a new ModelArtifact (same base_dir and source, a copy of the
+    metadata). The input artefact is never modified.
+
+    Big external weights stay lazy throughout: the copy is `editable(artifact)` (or `model`, an editable copy
+    the caller prepared, e.g. shape-inferred), a weight is read from disk only if the edit asks for its
+    values, and untouched weights are exported as the same external references. After the edit the graph is
+    constant-folded (`fold=False`: only dead nodes removed) and sorted; rewritten big weights are moved into
+    the exported model, not copied.
+    """
+    from .model import ModelArtifact
+
+    if model is None:
+        model = editable(artifact)
+    graph = to_gs(model, artifact.base_dir)
+    edit(graph)
+    fold_and_clean(graph, fold=fold)
+    new_model = from_gs(graph, model, move_big=True)
+    return ModelArtifact(new_model, artifact.base_dir, dict(artifact.metadata), artifact.source)
+
+
+def rewrite_model(artifact: ModelArtifact, edit: Callable[[onnx.ModelProto], onnx.ModelProto], *,
+                  inline_below: int | None = None) -> ModelArtifact:
+    """`rewrite` for tools that take and return a whole onnx.ModelProto (onnxslim, onnxsim, ...): `edit`
+    gets an editable copy of the artefact's model and returns the rewritten model, which comes back as a new
+    ModelArtifact (same base_dir and source, a copy of the metadata). The input artefact is never modified.
+
+    External tensors under `inline_below` bytes (default LAZY_MIN_BYTES) are read into the copy; bigger ones
+    stay references into `artifact.base_dir`, which a tool that reads every weight cannot follow: such a
+    tool should refuse models with external data (`artifact.has_external_data()`) or raise `inline_below`.
+    """
+    from .model import ModelArtifact
+
+    new_model = edit(editable(artifact, inline_below))
+    return ModelArtifact(new_model, artifact.base_dir, dict(artifact.metadata), artifact.source)
+
+
+def new_constant(name: str, array: Any) -> Any:
+    """A graphsurgeon Constant holding a contiguous copy of `array` (numpy)."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    return gs.Constant(name, np.ascontiguousarray(array))
+
+
+def unique_name(base: str, taken: Container[str]) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first one not in `taken`. The one unique-name rule of trtkit
+    (GraphIndex.fresh_name for ONNX protos, fresh_name for graphsurgeon graphs)."""
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def fresh_name(graph: Any, base: str) -> str:
+    """A name no tensor or node of the graphsurgeon graph uses yet (reserved once something carries it)."""
+    taken = set(graph.tensors().keys()) | {node.name for node in graph.nodes}
+    return unique_name(base, taken)
+
+
+def static_shape(tensor: Any) -> tuple[int, ...] | None:
+    """The shape of a graphsurgeon tensor when every dimension is a known int, else None."""
+    shape = getattr(tensor, "shape", None)
+    if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
+        return None
+    return tuple(shape)
+
+
 def has_control_flow(model: onnx.ModelProto) -> bool:
     return any(node.op_type in CONTROL_FLOW_OPS for node in model.graph.node)
 
@@ -518,10 +593,7 @@ class GraphIndex:
         """A tensor/node name not used anywhere in the graph yet (whitespace becomes '_'); reserved on return."""
         import re
 
-        base = re.sub(r"\s+", "_", base)
-        name, k = base, 1
-        while name in self._used:
-            name, k = f"{base}_{k}", k + 1
+        name = unique_name(re.sub(r"\s+", "_", base), self._used)
         self._used.add(name)
         return name
 
