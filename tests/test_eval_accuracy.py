@@ -377,3 +377,40 @@ def test_confident_subset_of_sigmoid_outputs_and_removed_sigmoid_logits(tmp_path
     forced = trtkit.evaluate("accuracy", paths, data=str(tmp_path / "x.npy"), confidence=0.9,
                              scores_kind="logits").data["task"]
     assert forced["confident_fraction"] != pytest.approx(confident.mean())
+
+
+def test_task_metric_gates_from_the_cli_and_json(yolov8_pair):
+    ref_path, cand_path, x_path, _ = yolov8_pair
+    result = run_cli("eval", "accuracy", str(ref_path), str(cand_path), "--data", str(x_path),
+                     "-O", "task_metrics=" + ", ".join(YOLO_SPECS), "-O", "min_positive_iou=output0:0.99",
+                     "-O", "min_box_iou=0.5", "--json")
+    assert result.returncode == 3, result.stderr
+    data = json.loads(result.stdout)["data"]
+    positives = data["task_metrics"]["positives"]["output0"]
+    assert positives["settings"] == {"axis": 1, "start": 4, "stop": None, "threshold": 0.25, "activation": "auto",
+                                     "objectness": None}
+    verdicts = {c["metric"]: (c["passed"], c["value"]) for c in data["checks"]}
+    assert verdicts["positive_iou"] == (False, positives["positive_iou"])
+    assert verdicts["box_iou"] == (True, data["task_metrics"]["boxes"]["output0"]["box_iou"])
+    assert "positive_iou" in result.stderr and "FAIL" in result.stderr
+
+
+@pytest.mark.parametrize(("options", "needle"), [
+    (["task_metrics=positive output=output0"], "unknown task metric kind 'positive' (did you mean: positives?)"),
+    (["task_metrics=positives output=output0 axis=x"], "axis must be an integer"),
+    (["task_metrics=positives output=nope"], "unknown output 'nope'"),
+    (["task_metrics=positives output=output0 thresold=0.3"], "did you mean: threshold"),
+    (["task_metrics=boxes output=output0 axis=1"], "needs positives=NAME"),
+    (["min_positive_iou=0.9"], "option 'min_positive_iou' needs a positives task metric"),
+    (["task_metrics=positives output=output0 axis=1 start=4", "min_positive_iou=other:0.9"], "unknown output 'other'"),
+    (["task_metrics=positives output=output0 axis=1 start=4", "min_positive_iou=abc"], "min_positive_iou"),
+    (["task_metrics=positives output=output0 axis=2 start=4 stop=99"], "channels 4:99 are outside axis 2"),
+    (["scores_kind=softmax"], "scores_kind' must be one of"),
+])
+def test_bad_task_metric_options_are_one_line_exit_2(yolov8_pair, options, needle):
+    ref_path, cand_path, x_path, _ = yolov8_pair
+    flags = [arg for option in options for arg in ("-O", option)]
+    result = run_cli("eval", "accuracy", str(ref_path), str(cand_path), "--data", str(x_path), *flags)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr

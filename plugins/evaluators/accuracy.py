@@ -62,6 +62,7 @@ def evaluate_accuracy(models: list[str], data: str | None, num_samples: int, bat
     reference = models[0]
     ref_runner = open_model(reference, emulate_qdq=True)
     tasks = metrics.parse_task_metrics(task_metrics, ref_runner.output_names)
+    _task_gate_limits(tasks, tolerances)  # a malformed gate fails before any model runs
     ref_records = _logit_records(reference)
     batches = load_batches(data, reference, num_samples or (0 if data else 64), batch_size, seed)
     if not batches:
@@ -181,7 +182,7 @@ def _compare(reference: str, candidate: str, names: list[str], ref_out: dict[str
     task_results = metrics.measure_task_metrics(tasks, ref_out, cand_out, ref_records,
                                                 _logit_records(candidate)) if tasks else {}
     checks = _checks(names, outputs, task, score_name, labels is not None, tolerances)
-    checks += _task_metric_checks(task_results, tolerances)
+    checks += _task_metric_checks(tasks, task_results, tolerances)
     result = {
         "reference": reference, "candidate": candidate, "mode": mode, "num_samples": n,
         "outputs": outputs, "task": task, "checks": checks, "passed": all(c["passed"] for c in checks),
@@ -225,22 +226,29 @@ def _checks(names: list[str], outputs: dict[str, dict[str, float]], task: dict[s
     return checks
 
 
-def _task_metric_checks(task_results: dict[str, dict[str, dict[str, Any]]],
-                        tolerances: dict[str, str | None]) -> list[dict[str, Any]]:
-    """Gates on task metrics: '[name:]value[,name:value...]' over the metrics of the gate's kind."""
-    checks = []
+def _task_gate_limits(tasks: list[metrics.TaskMetric], tolerances: dict[str, str | None],
+                      ) -> list[tuple[str, str, str, dict[str, float]]]:
+    """(kind, value key, direction, {metric name: limit}) per task-metric gate given; '[name:]value[,...]'
+    over the names of the metrics of the gate's kind."""
+    gates = []
     for option, (stem, direction) in _TASK_METRIC_GATES.items():
         spec = tolerances.get(option)
         if spec is None or str(spec).strip() == "":
             continue
         kind, key = metrics.TASK_GATES[stem]
-        found = task_results.get(kind, {})
-        if not found:
+        names = [m.name for m in tasks if m.kind == kind]
+        if not names:
             raise OptionError(f"option '{option}' needs a {kind} task metric "
-                              f"(-O task_metrics='{kind} output=NAME ...' or --task-metric)")
-        for name, limit in parse_tolerance(spec, list(found), option).items():
-            checks.append(_check(name, key, direction, limit, found[name][key]))
-    return checks
+                              f"(--task-metric / -O task_metrics='{kind} output=NAME ...')")
+        gates.append((kind, key, direction, parse_tolerance(spec, names, option)))
+    return gates
+
+
+def _task_metric_checks(tasks: list[metrics.TaskMetric], task_results: dict[str, dict[str, dict[str, Any]]],
+                        tolerances: dict[str, str | None]) -> list[dict[str, Any]]:
+    return [_check(name, key, direction, limit, task_results[kind][name][key])
+            for kind, key, direction, limits in _task_gate_limits(tasks, tolerances)
+            for name, limit in limits.items()]
 
 
 def _check(output: str, key: str, direction: str, limit: float, value: float) -> dict[str, Any]:
