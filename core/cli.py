@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - older typer on top of click
     from click import ClickException
 
 from . import __version__
+from .cli_args import JsonFlag
 from .errors import TrtkitError
 from .fileio import raise_on_sigterm
 from .registry import Registry, load_plugins, set_registry
@@ -67,7 +68,7 @@ def build_app(registry: Registry) -> typer.Typer:
 
     @app.command("plugins")
     def plugins_command(
-        as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+        as_json: JsonFlag = False,
         hook: Annotated[str | None, typer.Option("--hook", help="Only plugins implementing this hook.")] = None,
     ) -> None:
         """List installed plugins and what each registers per stage."""

@@ -1,13 +1,56 @@
-"""Flags shared by the commands, declared once (the style of Polygraphy's tools/args).
+"""Flag families shared by the commands, each declared once (the style of Polygraphy's tools/args): a command
+takes a family by annotating a parameter with it, so every command spells a knob the same way, with the same
+short flag, type and parsing.
 
-Command modules (built-in or third-party) import these at start-up, so nothing heavy is imported here.
+    from trtkit.cli_args import DataFlag, JsonFlag, OptionsFlag, output_flag, parse_options
+
+    def my_command(model: Path, data: DataFlag, output: Annotated[Path, output_flag("Report to write.")],
+                   option: OptionsFlag = None, as_json: JsonFlag = False) -> None:
+        options = parse_options(option)
+
+Command modules (built-in or third-party) import this at start-up, so nothing heavy is imported here.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from .errors import OptionError
+
+# Output: what a command prints.
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+
+
+def output_flag(help: str) -> Any:
+    """`--output/-o`: the file (or folder) a command writes; `help` says what it is."""
+    return typer.Option("--output", "-o", help=help, show_default=False)
+
+
+# Component options: KEY=VALUE strings, validated later against the chosen component's schema.
+def options_flag(component: str, note: str = "") -> Any:
+    """`--option/-O KEY=VALUE` (repeatable) for the options of the chosen `component` kind."""
+    return typer.Option("--option", "-O", help=f"{component} option KEY=VALUE (repeatable{'; ' + note if note else ''}).")
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """The values of `--option` as {key: string value}."""
+    return parse_key_values(pairs, "--option")
+
+
+# Data: the samples a command runs the model on.
+DataFlag = Annotated[str | None, typer.Option("--data", "-d", help="Samples: .npy, .npz or a folder of images.")]
+BatchSizeFlag = Annotated[int, typer.Option("--batch-size", "-b", help="Samples per onnxruntime run.")]
+NumSamplesFlag = Annotated[int | None, typer.Option("--num-samples", "-n", help="Use at most this many samples.")]
+PreprocessFlag = Annotated[list[str] | None, typer.Option(
+    "--preprocess", "-P", help="Image preprocessing KEY=VALUE: resize, crop, scale, mean, std, channels, layout."
+)]
+
+
+def parse_preprocess(pairs: list[str] | None) -> dict[str, Any] | None:
+    """The values of `--preprocess` as {key: string value}; None when none were given."""
+    return parse_key_values(pairs, "--preprocess") or None
 
 
 def parse_key_values(pairs: list[str] | None, flag: str = "--option") -> dict[str, Any]:

@@ -23,9 +23,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from trtkit import hookimpl
+from trtkit.cli_args import JsonFlag, options_flag, parse_options
 from trtkit.errors import InputFileError, OptionError, TrtkitError
 from trtkit.stages import EvaluationResult, Evaluator, Option
 
@@ -332,7 +333,7 @@ def register_commands(cli: Any) -> None:
     @app.command("parse")
     def parse_command(
         log: Path = typer.Argument(..., help="A file of tegrastats lines (JetPack 4, 5 or 6)."),
-        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+        as_json: JsonFlag = False,
     ) -> None:
         """Summarize a recorded tegrastats log: power per rail, GPU/CPU/EMC load, temperatures."""
         from trtkit.evaluation import to_json
@@ -347,15 +348,14 @@ def register_commands(cli: Any) -> None:
     @app.command("profile")
     def profile_command(
         models: list[Path] = typer.Argument(..., help="Artefacts to benchmark (engines, ONNX)."),
-        option: list[str] = typer.Option(None, "-O", "--option", help="Speed option KEY=VALUE (repeatable)."),
-        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+        option: Annotated[list[str] | None, options_flag("Speed")] = None,
+        as_json: JsonFlag = False,
     ) -> None:
         """Benchmark while sampling tegrastats: power, loads, temperatures, energy per inference."""
-        from trtkit.cli_args import parse_key_values
         from trtkit.evaluation import evaluate, to_json
         from trtkit.ui import console, stdout
 
-        result = evaluate("jetson", [str(m) for m in models], **parse_key_values(option, "-O/--option"))
+        result = evaluate("jetson", [str(m) for m in models], **parse_options(option))
         if as_json:
             stdout.print(to_json({"evaluator": "jetson", "passed": result.passed, "data": result.data}),
                          markup=False, highlight=False)

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from trtkit import hookimpl
+from trtkit.cli_args import JsonFlag, options_flag, output_flag, parse_options
 
 HELP_ORDER = 50
 
@@ -19,28 +20,26 @@ def build_command(
     model: Annotated[Path, typer.Argument(help="Input ONNX model (FP32 or QDQ).")],
     builder: Annotated[str, typer.Option("--builder", "-b", help="Builder: onnxruntime, tensorrt, tensorrt-rtx, "
                                          "or one a plugin adds (see `trtkit plugins`).")] = "onnxruntime",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Artefact to write (default: next to "
-                                                "MODEL: MODEL.ort.onnx or MODEL.<builder>.engine).")] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Builder option KEY=VALUE "
-                                                     "(repeatable; `--list-options` shows them).")] = None,
+    output: Annotated[Path | None, output_flag("Artefact to write (default: next to MODEL: MODEL.ort.onnx or "
+                                               "MODEL.<builder>.engine).")] = None,
+    option: Annotated[list[str] | None, options_flag("Builder", "`--list-options` shows them")] = None,
     check: Annotated[bool, typer.Option("--check", help="Only report which nodes the builder's parser "
                                         "supports (no build); exit 1 when some are unsupported.")] = False,
     list_options: Annotated[bool, typer.Option("--list-options", help="Show the builder's options.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Build a runnable artefact: an optimized onnxruntime model or a TensorRT / TensorRT-RTX engine."""
     import json
 
     from trtkit.building import build, describe, get_builder
     from trtkit.building import check as check_model
-    from trtkit.cli_args import parse_key_values
     from trtkit.ui import console
 
     component = get_builder(builder)
     if list_options:
         _show_options(component, as_json)
         return
-    options = parse_key_values(option, "--option")
+    options = parse_options(option)
     if check:
         report = check_model(model, builder=builder)
         if as_json:

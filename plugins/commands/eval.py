@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from trtkit import hookimpl
-from trtkit.cli_args import parse_key_values
+from trtkit.cli_args import DataFlag, JsonFlag, options_flag, output_flag, parse_options
 
 HELP_ORDER = 60
 GATE_FAILED_EXIT_CODE = 3
@@ -21,19 +21,15 @@ GATE_FAILED_EXIT_CODE = 3
 def eval_command(
     name: Annotated[str, typer.Argument(help="Evaluator: accuracy, speed, layers, report, jetson, ...")],
     models: Annotated[list[Path], typer.Argument(help="Artefacts; for comparisons the first is the reference.")],
-    data: Annotated[str | None, typer.Option("--data", help="Evaluation inputs (.npy, .npz, folder).")] = None,
-    option: Annotated[
-        list[str] | None, typer.Option("-O", "--option", help="Evaluator option KEY=VALUE (repeatable).")
-    ] = None,
-    output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Write the report (report) or the JSON result here.")
-    ] = None,
+    data: DataFlag = None,
+    option: Annotated[list[str] | None, options_flag("Evaluator")] = None,
+    output: Annotated[Path | None, output_flag("Write the report (report) or the JSON result here.")] = None,
     runtime_kernels: Annotated[
         bool | None,
         typer.Option("--runtime-kernels/--emulate-qdq",
                      help="QDQ models on onnxruntime's int8 kernels, or with Q/DQ emulated in float."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Measure artefacts: accuracy (gates: exit code 3 on failure), speed, per-layer error, reports."""
     from trtkit.evaluation import evaluate, to_json
@@ -46,7 +42,7 @@ def eval_command(
         from trtkit.fileio import check_output_path
 
         check_output_path(output, *models, data)
-    options = parse_key_values(option, "-O/--option")
+    options = parse_options(option)
     if data is not None:
         options["data"] = data
     if runtime_kernels is not None:

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from trtkit import hookimpl
+from trtkit.cli_args import JsonFlag, options_flag, output_flag, parse_options
 
 HELP_ORDER = 10
 
@@ -33,7 +34,7 @@ def _parse_inputs(values: list[str] | None) -> dict[str, str] | list[str] | None
 def export_command(
     source: Annotated[str, typer.Argument(help="A model factory: file.py:factory or package.module:factory "
                                           "(a callable returning a torch.nn.Module).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write.")],
+    output: Annotated[Path, output_flag("ONNX file to write.")],
     inputs: Annotated[list[str] | None, typer.Option("--input", "-i", help="Input NAME:SHAPE, e.g. "
                                                      "image:1x3x224x224 (repeatable, in order).")] = None,
     output_names: Annotated[list[str] | None, typer.Option("--output-name", help="Output name (repeatable, "
@@ -46,16 +47,14 @@ def export_command(
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="State dict to load (torch.load "
                                                     "weights_only=True).")] = None,
     exporter: Annotated[str, typer.Option("--with", help="Exporter plugin.")] = "torch",
-    option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Exporter option KEY=VALUE "
-                                                     "(repeatable).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
+    option: Annotated[list[str] | None, options_flag("Exporter")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Export a trained model to ONNX, check it, and compare onnxruntime with the framework."""
-    from trtkit.cli_args import parse_key_values
     from trtkit.exporting import export
     from trtkit.ui import console
 
-    options = parse_key_values(option, "--option")
+    options = parse_options(option)
     parsed = _parse_inputs(inputs)
     with console.status(f"exporting {source}", spinner="dots"):
         artifact = export(

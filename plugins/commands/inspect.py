@@ -11,13 +11,14 @@ from typing import Annotated
 import typer
 
 from trtkit import hookimpl
+from trtkit.cli_args import JsonFlag
 
 HELP_ORDER = 55
 
 
 def inspect_command(
     artifact: Annotated[Path, typer.Argument(help="A built engine (reads its .json sidecar) or ONNX model.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
+    as_json: JsonFlag = False,
     load: Annotated[bool, typer.Option("--load", help="Also open it for running here (checks TensorRT "
                                        "version and GPU against the sidecar).")] = False,
 ) -> None:

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from trtkit import hookimpl
+from trtkit.cli_args import JsonFlag, options_flag, output_flag, parse_options
 
 HELP_ORDER = 20
 
@@ -50,12 +51,10 @@ def _parse_dims(values: list[str] | None) -> dict[str, int]:
 def optimize_command(
     model: Annotated[Path | None, typer.Argument(help="Input ONNX model (never modified).",
                                                  show_default=False)] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Optimized ONNX file to write.",
-                                                show_default=False)] = None,
+    output: Annotated[Path | None, output_flag("Optimized ONNX file to write.")] = None,
     passes: Annotated[list[str] | None, typer.Option("--pass", "-p", help="Pass to run, in order "
                                                      "(repeatable; default: simplify, optimize).")] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Pass option KEY=VALUE or "
-                                                     "PASS.KEY=VALUE (repeatable).")] = None,
+    option: Annotated[list[str] | None, options_flag("Pass", "PASS.KEY=VALUE for one pass")] = None,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the numerical check after each pass.")]
     = False,
     ranges: Annotated[list[str] | None, typer.Option("--range", help="Input value range for the check, "
@@ -70,10 +69,9 @@ def optimize_command(
                                                           "convert to logits (with remove-sigmoid).")] = None,
     list_passes: Annotated[bool, typer.Option("--list", help="List the available passes and options.")]
     = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Rewrite an ONNX graph with passes; each pass is checked numerically; prints a summary table."""
-    from trtkit.cli_args import parse_key_values
     from trtkit.errors import OptionError
     from trtkit.optimizing import DEFAULT_ATOL, DEFAULT_PASSES, DEFAULT_RTOL, optimize
     from trtkit.ui import console, stdout
@@ -86,7 +84,7 @@ def optimize_command(
     if no_check and (rtol is not None or atol is not None or ranges):
         raise OptionError("--no-check contradicts --rtol/--atol/--range (they only set the check)")
     selected: list[Any] = list(passes) if passes else list(DEFAULT_PASSES)
-    options = parse_key_values(option, "--option")
+    options = parse_options(option)
     if threshold:
         if "remove-sigmoid" not in selected:
             raise OptionError("--threshold needs --pass remove-sigmoid (thresholds become logits only when "

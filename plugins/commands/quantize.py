@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from trtkit import hookimpl
+from trtkit.cli_args import DataFlag, JsonFlag, output_flag
 
 HELP_ORDER = 40
 
@@ -19,17 +20,20 @@ HELP_ORDER = 40
 def quantize_command(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
     scales: Annotated[Path | None, typer.Option("--scales", "-s", help="Scales JSON (from `trtkit calibrate`), YAML or TensorRT cache.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="QDQ ONNX model to write.")] = None,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="Calibrate on this data first (instead of --scales).")] = None,
+    output: Annotated[Path | None, output_flag("QDQ ONNX model to write (default: MODEL.int8.onnx).")] = None,
+    data: DataFlag = None,
     method: Annotated[str, typer.Option("--method", "-m", help="Calibrator when --data is given.")] = "percentile",
     exclude: Annotated[list[str] | None, typer.Option("--exclude", "-x", help="Node name to keep in float (repeatable).")] = None,
     exclude_op_type: Annotated[list[str] | None, typer.Option("--exclude-op-type", help="Op type to keep in float (repeatable).")] = None,
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One scale per weight tensor instead of per channel.")] = False,
     reduce_range: Annotated[bool, typer.Option("--reduce-range", help="7-bit weights (onnxruntime on CPUs without VNNI); not for TensorRT.")] = False,
     concat_max_ratio: Annotated[float, typer.Option("--concat-max-ratio", help="No shared Concat scale when input ranges differ more than this.")] = 32.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary on stdout.")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Insert int8 Q/DQ nodes where TensorRT fuses them (per-channel weights, per-tensor activations)."""
+    """Insert int8 Q/DQ nodes where TensorRT fuses them (per-channel weights, per-tensor activations).
+
+    The scales come from --scales, or from calibrating on --data first.
+    """
     from trtkit.calibration import calibrate
     from trtkit.errors import OptionError
     from trtkit.fileio import check_output_path

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from trtkit import hookimpl
+from trtkit.cli_args import output_flag
 
 HELP_ORDER = 70
 EXAMPLES = ("digits",)
@@ -15,8 +16,8 @@ EXAMPLES = ("digits",)
 
 def run_command(
     recipe: Annotated[Path | None, typer.Argument(help="The recipe (TOML).", show_default=False)] = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output folder (default: the "
-                                                "recipe's [output] dir, else trtkit-run beside it).")] = None,
+    output: Annotated[Path | None, output_flag("Output folder (default: the recipe's [output] dir, else "
+                                               "trtkit-run beside it).")] = None,
     example: Annotated[str | None, typer.Option("--example", help=f"Run a bundled example: "
                                                 f"{', '.join(EXAMPLES)}.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and what is cached; run nothing.")]
