@@ -1,16 +1,18 @@
 """Run graph passes over an ONNX model, each followed by a numerical check, with a per-pass report.
 
     from trtkit.optimizing import optimize
-    result = optimize("model.onnx", ["simplify", "optimize", ("remove-sigmoid", {"threshold": 0.25})],
-                      output="model.opt.onnx")
+    result = optimize("model.onnx", passes, output="model.opt.onnx")
+    # passes: registered pass names and (name, {option: value}) pairs, in order (`trtkit optimize --list`
+    # shows them); None runs the default passes
     result.artifact            # the optimized ModelArtifact (metadata["passes"] lists what ran)
     result.reports             # one PassReport per pass: op counts before/after, seconds, max output diff
     print(result.table())      # the summary table `trtkit optimize` prints
 
 Every exact pass is checked against the model before it with onnxruntime on random inputs within the
 declared ranges: outputs must agree within atol + rtol * max|reference| (failure raises NumericalCheckError
-naming the pass). Passes that change outputs by design (`exact=False`: fuse-preprocess, remove-sigmoid)
-prove their own relation instead; `check=False` turns both off.
+naming the pass). Passes that change outputs by design (`GraphPass.exact=False`) prove their own relation
+instead and may report the difference they measured (`GraphPass.measured_difference`), which the report
+records; `check=False` turns both off. Which passes run by default is each pass's `default` flag.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import NumericalCheckError, OptionError, TrtkitError
+from .errors import NumericalCheckError, OptionError, TrtkitError, first_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -31,11 +33,25 @@ if TYPE_CHECKING:
     from .registry import Registry
     from .stages import GraphPass
 
-DEFAULT_PASSES: list[str] = ["simplify", "optimize"]
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-4
 
 PassSpec = str | tuple[str, Mapping[str, Any]] | Mapping[str, Any]
+
+
+def default_passes(registry: Registry | None = None) -> list[str]:
+    """Names of the passes that run when none is selected: every pass registered with `default=True`, in
+    registration order."""
+    from .registry import get_registry
+
+    passes = (registry or get_registry()).stages["passes"]
+    return [name for name, graph_pass in passes.items() if graph_pass.default]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DEFAULT_PASSES":  # the default pass names as a module constant (computed from the registry)
+        return default_passes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -130,7 +146,7 @@ def parse_pass_specs(passes: Sequence[PassSpec] | None, options: Mapping[str, An
     from .registry import get_registry
 
     registry = registry or get_registry()
-    specs = list(DEFAULT_PASSES if passes is None else passes)
+    specs = list(default_passes(registry) if passes is None else passes)
     if not specs:
         raise OptionError("no passes selected")
     resolved: list[tuple[Any, dict[str, Any]]] = []
@@ -185,7 +201,7 @@ def optimize(
     external_data: bool | None = None,
     progress: bool = False,
 ) -> OptimizeResult:
-    """Apply `passes` (default DEFAULT_PASSES) in order; check each; optionally write `output` atomically.
+    """Apply `passes` (default: the default passes) in order; check each; optionally write `output` atomically.
 
     model: a path or a ModelArtifact (never modified).
     passes: names, (name, options) pairs or {"name": ..., "options": {...}} tables; `options` adds `-O`-style
@@ -245,9 +261,7 @@ def optimize(
         except TrtkitError:
             raise
         except Exception as exc:
-            raise NumericalCheckError(
-                f"pass '{graph_pass.name}' failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            ) from exc
+            raise NumericalCheckError(f"pass '{graph_pass.name}' failed: {type(exc).__name__}: {first_line(exc)}") from exc
         seconds = time.perf_counter() - start
         if not isinstance(result, ModelArtifact):
             raise TrtkitError(f"pass '{graph_pass.name}' returned {type(result).__name__}, not a ModelArtifact")
@@ -259,9 +273,9 @@ def optimize(
             report.max_abs_diff, report.tolerance = _compare(reference, got, graph_pass.name, rtol, atol)
             report.checked = "onnxruntime"
         elif check and not graph_pass.exact:
-            checked = result.metadata.get("preprocess", {}).get("max_abs_diff") if graph_pass.name == \
-                "fuse-preprocess" else None
-            report.max_abs_diff = checked if checked is not None else (0.0 if given.get("verify") else None)
+            # the pass proved its own relation (when its `verify` option was on); record what it measured
+            measured = graph_pass.measured_difference(result) if graph_pass.measured_difference else None
+            report.max_abs_diff = measured if measured is not None else (0.0 if given.get("verify") else None)
             report.checked = "by the pass" if given.get("verify") else "no"
         history = list(result.metadata.get("passes", []))
         history.append({"name": graph_pass.name, "options": _jsonable(resolved)})
@@ -335,7 +349,7 @@ def _run(artifact: ModelArtifact, feeds: dict[str, np.ndarray], pass_name: str, 
     try:
         return run(sess, feeds)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         if when == "after":
             raise NumericalCheckError(f"pass '{pass_name}' produced a model that fails to run: {first}") from None
         raise TrtkitError(f"the model before pass '{pass_name}' fails to run on random inputs: {first}") from None

@@ -150,10 +150,16 @@ class GraphPass(Component):
       Returns a new artefact (the input is never modified). `exact=False` marks passes that change outputs
       by design (such as Sigmoid removal); the core then skips the generic numerical check and the pass
       proves its own relation.
+    measured_difference(result) -> float | None   (optional, for exact=False passes)
+      The max |output difference| the pass measured on `result` (the artefact it returned) when it proved
+      its relation, None when it did not measure one. `trtkit optimize` records it as the pass's checked
+      difference; without it, a pass whose `verify` option was on is recorded as checked with difference 0.
+    default: the pass runs when none is selected (every default pass, in registration order).
     """
 
     apply: Callable[..., ModelArtifact] = field(default=lambda *a, **k: None, repr=False)
     exact: bool = True
+    measured_difference: Callable[[ModelArtifact], float | None] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,12 @@ def _fuse_preprocess(artifact: ModelArtifact, **options: Any) -> ModelArtifact:
     return fuse_preprocess(artifact, **options)
 
 
+def _preprocess_difference(result: ModelArtifact) -> float | None:
+    """What fuse-preprocess measured when it proved its relation (None when it did not check)."""
+    value = result.metadata.get("preprocess", {}).get("max_abs_diff")
+    return None if value is None else float(value)
+
+
 def _remove_sigmoid(artifact: ModelArtifact, **options: Any) -> ModelArtifact:
     from .remove_sigmoid import check_thresholds, remove_sigmoid
 
@@ -70,6 +76,7 @@ PASSES = [
             "infer": Option("bool", True, "run onnx shape inference before and after"),
         },
         apply=_simplify,
+        default=True,
     ),
     GraphPass(
         name="optimize",
@@ -81,6 +88,7 @@ PASSES = [
             "merge_reshapes": Option("bool", True, "skip a Reshape/Flatten/Squeeze/Unsqueeze feeding a Reshape"),
         },
         apply=_optimize,
+        default=True,
     ),
     GraphPass(
         name="fold-batchnorm",
@@ -105,6 +113,7 @@ PASSES = [
         },
         apply=_fuse_preprocess,
         exact=False,
+        measured_difference=_preprocess_difference,
     ),
     GraphPass(
         name="remove-sigmoid",
