@@ -116,6 +116,11 @@ def test_third_party_builder_gets_suffix_check_and_inspect_through_the_cli(env, 
     bare = run_cli("build", str(model), "-b", "bare-copy", "--check", env=env)
     lines = [line for line in bare.stderr.splitlines() if line.strip()]
     assert bare.returncode == 2 and lines == ["error: builder 'bare-copy' has no capability check"], bare.stderr
+    copied = run_cli("build", str(model), "-b", "bare-copy", "--json", env=env)  # no describe: nothing read back
+    assert copied.returncode == 0, copied.stderr
+    summary = json.loads(copied.stdout)
+    assert summary["artifact"] == str(tmp_path / "m.bare-copy.engine") and summary["builder"] == "bare-copy"
+    assert (tmp_path / "m.bare-copy.engine").read_bytes() == model.read_bytes()
 
 
 def test_default_builder_output_names_and_input_specs_come_from_the_components(registry, tmp_path):

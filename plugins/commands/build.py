@@ -18,8 +18,8 @@ HELP_ORDER = 50
 
 def build_command(
     model: Annotated[Path, typer.Argument(help="Input ONNX model (FP32 or QDQ).")],
-    builder: Annotated[str, typer.Option("--builder", "-b", help="Builder: onnxruntime, tensorrt, tensorrt-rtx, "
-                                         "or one a plugin adds (see `trtkit plugins`).")] = "onnxruntime",
+    builder: Annotated[str | None, typer.Option("--builder", "-b", help="Builder: onnxruntime (the default), "
+                                                "tensorrt, tensorrt-rtx, or one a plugin adds (see `trtkit plugins`).")] = None,
     output: Annotated[Path | None, output_flag("Artefact to write (default: next to MODEL: MODEL.ort.onnx or "
                                                "MODEL.<builder>.engine).")] = None,
     option: Annotated[list[str] | None, options_flag("Builder", "`--list-options` shows them")] = None,
@@ -41,7 +41,7 @@ def build_command(
         return
     options = parse_options(option)
     if check:
-        report = check_model(model, builder=builder)
+        report = check_model(model, builder=component.name)
         if as_json:
             typer.echo(json.dumps(report, indent=2, sort_keys=True))
         else:
@@ -50,13 +50,14 @@ def build_command(
             raise SystemExit(1)  # cli.main drops the code of typer.Exit in standalone_mode=False
         return
     # TensorRT builds draw their own phase progress bars on a terminal (one rich live display at a time).
-    written = build(model, output, builder=builder, **options)
-    info = describe(written)
-    summary = _summary(info, written)
+    written = build(model, output, builder=component.name, **options)
+    # A builder without `describe` that writes no ONNX model has nothing to read back.
+    info = describe(written) if component.describe is not None or written.suffix == ".onnx" else {}
+    summary = _summary(info, written, component.name)
     if as_json:
         typer.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
-    console.print(f"[green]built[/green] {written} ({summary['bytes']:,} bytes) with {builder}")
+    console.print(f"[green]built[/green] {written} ({summary['bytes']:,} bytes) with {component.name}")
     for key in ("tensorrt", "precision", "profiles", "sidecar", "int8_weights"):
         if summary.get(key):
             console.print(f"  {key}: {_human(key, summary[key])}", markup=False)
@@ -64,7 +65,7 @@ def build_command(
         console.print(f"  [yellow]note:[/yellow] {note}")
 
 
-def _summary(info: dict[str, Any], written: Path) -> dict[str, Any]:
+def _summary(info: dict[str, Any], written: Path, builder: str) -> dict[str, Any]:
     summary: dict[str, Any] = {"artifact": str(written), "bytes": written.stat().st_size}
     if info.get("kind") == "engine":
         summary.update({
@@ -80,7 +81,7 @@ def _summary(info: dict[str, Any], written: Path) -> dict[str, Any]:
     else:
         build_info = info.get("build") or {}
         summary.update({
-            "builder": build_info.get("builder", "onnxruntime"),
+            "builder": build_info.get("builder", builder),
             "optimization": build_info.get("optimization"),
             "providers": build_info.get("providers"),
             "vnni": build_info.get("vnni"),

@@ -93,7 +93,7 @@ def calibrator_for_cache(path: Path) -> tuple[str, int]:
     TensorRT only reads a cache whose header algorithm matches the calibrator class asking for it (an entropy
     calibrator ignores a MinMax cache and then has no data to calibrate with), so the cache decides the class.
     """
-    from trtkit.trtcache import read_cache
+    from trtkit.scales import read_cache
 
     scales = read_cache(path)  # InputFileError naming the file and line for malformed caches
     options = getattr(scales, "options", {}) or {}
