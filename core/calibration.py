@@ -1,10 +1,10 @@
 """Calibration: collect activation statistics once, compute ranges with any method, save them as scales.
 
-    scales = trtkit.calibrate("model.onnx", "calib.npz", method="percentile")
+    scales = trtkit.calibrate("model.onnx", "calib.npz")  # the default calibrator, or method="NAME"
     scales.save("scales.json")                 # tensor -> amax (scale = amax / 127), method, fingerprints
 
     stats = collect("model.onnx", data)        # one onnxruntime pass, batch by batch
-    stats.compute("percentile", percentile=99.99)   # any method from the same statistics
+    stats.compute("NAME", options={...})        # any calibrator from the same statistics
 
 Statistics are mergeable and exact: per tensor min, max, count and a histogram of |x| with FINE_BINS bins over
 [0, R) where R is the smallest power of two above the largest |x| seen. When a batch exceeds R, R doubles and
@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import DataError, InputFileError, OptionError, UnknownNameError, unknown_name
 from .scales import Scales, load_overrides, model_fingerprint, read_scales_file, tensor_names
+from .stages import Builder, Calibrator
 
 if TYPE_CHECKING:
     import onnx
@@ -41,14 +42,12 @@ ENTROPY_BINS = 2048       # TensorRT EntropyCalibrator2: |x| histogram bins over
 ENTROPY_LEVELS = 128      # quantized levels of the positive half
 ENTROPY_START = 128       # first candidate bin
 CHUNK = 1 << 20           # elements binned at a time
-DEFAULT_METHOD = "percentile"  # best or within 0.3 dB of the best on every benchmark model (docs/benchmarks.md)
 # Histogram positions per sample per tensor (see collect(per_item=...)). Binning costs ~5 ns a value in numpy
 # and holds the GIL, more than the convolutions that produce the values on depthwise nets; 4096 evenly spread
 # positions of every sample change SQNR by < 0.3 dB on the benchmark models while min/max stay exact.
-# Entropy histograms every value: its divergence depends on how many values fill the tail bins (sampling moved
-# its threshold by 12 % on a test model), and users choosing it expect TensorRT's calibrator.
+# Calibrators declaring statistics="exact-histogram" get every value: a KL divergence depends on how many values
+# fill the tail bins (sampling moved TensorRT's entropy threshold by 12 % on a test model).
 DEFAULT_PER_ITEM = 4096
-EXACT_METHODS = frozenset({"entropy"})
 RUN_BYTES = 4 << 20       # observed activations per onnxruntime run (dynamic-batch models run in slices)
 TINY_AMAX = 1e-8          # used for tensors that are identically zero (scales must be > 0)
 
@@ -92,7 +91,7 @@ class TensorStats:
     def update(self, values: np.ndarray, histogram: bool = True, per_item: int | None = None) -> None:
         """Add a batch of values (first axis = samples). Non-finite values are counted and left out.
 
-        histogram=False keeps only min/max/count (enough for minmax; the histogram is then empty).
+        histogram=False keeps only min/max/count (statistics="range"; the histogram is then empty).
         per_item: histogram at most about this many positions of each sample (the same positions in every
         sample, a prime stride apart, whatever the batching); min, max and count always see every value.
         """
@@ -295,6 +294,40 @@ def amax_mse(stats: TensorStats, bins: int = ENTROPY_BINS, start: int = ENTROPY_
     return best
 
 
+# ---- components: the default calibrator, the builder that takes scales --------------------------------------
+
+def default_calibrator() -> Calibrator:
+    """The calibrator used when none is named: the first registered one marked `default=True`."""
+    from .registry import get_registry
+
+    for component in get_registry().stages["calibrators"].values():
+        if isinstance(component, Calibrator) and component.default:
+            return component
+    raise OptionError("no installed calibrator is marked as the default one: name a calibrator (--method)")
+
+
+def find_calibrator(method: str | Calibrator | None) -> Calibrator:
+    """A Calibrator as is, the registered calibrator of that name (UnknownNameError with close matches), or the
+    default calibrator for None."""
+    from .registry import get_registry
+
+    if isinstance(method, Calibrator):
+        return method
+    return default_calibrator() if method is None else get_registry().calibrator(method)
+
+
+def scales_builder() -> Builder:
+    """The builder that consumes calibrated scales: the first registered one declaring `scale_tensors` (the
+    activations it quantizes, which tensors="quantizable" observes)."""
+    from .registry import get_registry
+
+    for component in get_registry().stages["builders"].values():
+        if isinstance(component, Builder) and component.scale_tensors is not None:
+            return component
+    raise OptionError("no installed builder declares the tensors it quantizes (Builder.scale_tensors): "
+                      "calibrate with tensors='all' or a list of tensor names")
+
+
 # ---- which tensors to observe -----------------------------------------------------------------------------
 
 def float_activations(model: onnx.ModelProto) -> list[str]:
@@ -326,7 +359,8 @@ def float_activations(model: onnx.ModelProto) -> list[str]:
 
 
 def tensors_to_observe(model: onnx.ModelProto, which: str | Iterable[str] = "quantizable") -> list[str]:
-    """'quantizable' (what the QDQ builder may quantize), 'all' (every float activation) or explicit names."""
+    """'quantizable' (what the builder that takes scales may quantize: see scales_builder), 'all' (every float
+    activation) or explicit names."""
     if not isinstance(which, str):
         names = list(which)
         _check_names(model, names, "tensor")
@@ -334,9 +368,8 @@ def tensors_to_observe(model: onnx.ModelProto, which: str | Iterable[str] = "qua
     if which == "all":
         return float_activations(model)
     if which == "quantizable":
-        from .qdq import activation_candidates
-
-        return activation_candidates(model)
+        scale_tensors = scales_builder().scale_tensors
+        return scale_tensors(model) if scale_tensors is not None else []
     raise OptionError(f"tensors must be 'quantizable', 'all' or a list of names, got {which!r}")
 
 
@@ -369,16 +402,16 @@ class Statistics:
     model: dict[str, Any]
     data: dict[str, Any]
     names: set[str] = field(default_factory=set)  # every tensor name of the model (to validate overrides)
-    histograms: bool = True  # False: min/max only (collected for minmax), other methods need a new pass
+    histograms: bool = True  # False: min/max only (statistics="range"); other calibrators need a new pass
 
-    def compute(self, method: str = DEFAULT_METHOD, overrides: Any = None, options: Mapping[str, Any] | None = None
-                ) -> Scales:
-        """Scales from these statistics with the calibrator plugin `method`; `overrides` pin chosen tensors."""
-        from .registry import get_registry
-
-        calibrator = get_registry().calibrator(method)
+    def compute(self, method: str | Calibrator | None = None, overrides: Any = None,
+                options: Mapping[str, Any] | None = None) -> Scales:
+        """Scales from these statistics with the calibrator plugin `method` (None: the default calibrator);
+        `overrides` pin chosen tensors."""
+        calibrator = find_calibrator(method)
         resolved = calibrator.resolve_options(options)
-        if not self.histograms and method != "minmax":
+        method = calibrator.name
+        if not self.histograms and calibrator.statistics != "range":
             raise OptionError(f"calibrator '{method}' needs histograms; these statistics were collected without")
         pinned = load_overrides(overrides, self.names) if overrides is not None else {}
         amax: dict[str, float] = {}
@@ -419,7 +452,7 @@ def collect(
     """Run the model over the data once (onnxruntime, FP32) and reduce every observed tensor's values.
 
     threads: onnxruntime intra-op threads (default: all cores but one, which reduces the previous run).
-    histograms=False collects min/max only (all `minmax` needs; several times cheaper per element).
+    histograms=False collects min/max only (all a statistics="range" calibrator needs; several times cheaper).
     per_item: histograms see at most about this many positions of each sample of each tensor (the same
     positions in every sample, evenly spread, so results still do not depend on batching); None = every value.
     min/max are always exact. Histogramming every value is exact but can cost more than the inference itself.
@@ -570,7 +603,7 @@ def _result(pending: tuple[dict[str, np.ndarray], Any]) -> tuple[dict[str, np.nd
 def calibrate(
     model: Any,
     data: Any,
-    method: str = DEFAULT_METHOD,
+    method: str | Calibrator | None = None,
     overrides: Any = None,
     options: Mapping[str, Any] | None = None,
     tensors: str | Iterable[str] = "quantizable",
@@ -582,33 +615,32 @@ def calibrate(
     output: str | os.PathLike[str] | None = None,
     per_item: int | None | str = "auto",
 ) -> Scales:
-    """Collect statistics over `data` and compute per-tensor ranges with `method` (a calibrator plugin).
+    """Collect statistics over `data` and compute per-tensor ranges with `method` (a calibrator plugin; None:
+    the default calibrator).
 
     model: path, ModelArtifact or ModelProto (FP32). data: anything `trtkit.data.load_data` accepts.
     overrides: tensor -> amax mapping, or a JSON/YAML file of tensor -> amax / {"amax"| "scale": v}, or a
     TensorRT calibration cache; pinned tensors keep these values. output: also save the scales JSON there.
     per_item: histogram positions per sample per tensor (None: every value; min/max are always exact);
-    "auto": every value for entropy, DEFAULT_PER_ITEM for other methods.
+    "auto": every value for calibrators declaring statistics="exact-histogram", else DEFAULT_PER_ITEM.
     """
-    from .registry import get_registry
-
-    get_registry().calibrator(method)  # unknown names fail before any work
+    calibrator = find_calibrator(method)  # unknown names fail before any work
     if overrides is not None and not isinstance(overrides, Mapping):
         read_scales_file(overrides)  # bad files fail before any work
     stats = collect(model, data, tensors=tensors, batch_size=batch_size, limit=limit, preprocess=preprocess,
-                    threads=threads, progress=progress, histograms=method != "minmax",
-                    per_item=histogram_positions(method, per_item))
-    scales = stats.compute(method, overrides=overrides, options=options)
+                    threads=threads, progress=progress, histograms=calibrator.statistics != "range",
+                    per_item=histogram_positions(calibrator, per_item))
+    scales = stats.compute(calibrator, overrides=overrides, options=options)
     if output is not None:
         scales.save(output)
     return scales
 
 
-def histogram_positions(method: str, per_item: int | None | str = "auto") -> int | None:
-    """Histogram positions per sample for `method`: "auto" -> None (every value) for entropy, else
-    DEFAULT_PER_ITEM; an int must be >= 1 (None: every value)."""
+def histogram_positions(method: str | Calibrator | None, per_item: int | None | str = "auto") -> int | None:
+    """Histogram positions per sample for `method`: "auto" -> None (every value) for calibrators declaring
+    statistics="exact-histogram", else DEFAULT_PER_ITEM; an int must be >= 1 (None: every value)."""
     if per_item == "auto":
-        return None if method in EXACT_METHODS else DEFAULT_PER_ITEM
+        return None if find_calibrator(method).statistics == "exact-histogram" else DEFAULT_PER_ITEM
     if per_item is not None and (isinstance(per_item, (bool, str)) or not isinstance(per_item, int) or per_item < 1):
         raise OptionError(f"histogram positions must be an integer >= 1 or None (every value), got {per_item!r}")
     return per_item

@@ -1,7 +1,10 @@
-"""The steps of a recipe and what each runs: export -> optimize -> calibrate -> quantize -> build -> eval.
+"""`trtkit run recipe.toml`: the steps of a recipe and what each runs, export -> optimize -> calibrate ->
+quantize -> build -> eval, then gates and the report.
 
 Each action receives its Step, the results of earlier steps and an empty folder to write into, and returns
-the names of the files it wrote (plus small JSON-able facts). `recipe.py` does caching and ordering.
+the names of the files it wrote (plus small JSON-able facts). `trtkit.steps` caches and runs the steps: a
+re-run with an unchanged recipe redoes nothing; changing the calibration method redoes calibration and what
+follows only. `trtkit.recipe` loads and checks the recipe.
 """
 
 from __future__ import annotations
@@ -9,14 +12,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .calibration import DEFAULT_METHOD
-from .errors import OptionError, TrtkitError, close_matches
-from .recipe import Recipe, Step, StepResult, _source_files
+from .errors import GateError, OptionError, TrtkitError, close_matches
+from .recipe import Recipe, load_recipe
+from .steps import Step, StepResult, assign_keys, run_steps
 
-DEFAULT_BUILDERS = [{"name": "onnxruntime"}]
+# recipe [gates] key -> the evaluator option it sets, on every evaluator that has all of these options.
 GATE_OPTIONS = {"max_accuracy_drop": "max_top1_drop", "min_top1_agreement": "min_agreement",
                 "min_sqnr_db": "min_sqnr"}
 
@@ -37,13 +42,15 @@ def _check_components(recipe: Recipe) -> None:
     registry = get_registry()
     model = recipe.section("model")
     if "source" in model:
-        registry.exporter(model.get("exporter", "torch"))
+        registry.exporter(model.get("exporter") or registry.default("exporters").name)
     passes = recipe.section("passes")
     if passes:
         parse_pass_specs([(item["name"], item.get("options", {})) for item in passes])
     calibration = recipe.section("calibration")
     if calibration:
-        method = calibration.get("method", DEFAULT_METHOD)
+        from .calibration import find_calibrator
+
+        method = find_calibrator(calibration.get("method")).name
         registry.calibrator(method).resolve_options(calibration.get("options", {}),
                                                     where=f"{recipe.path} [calibration] method '{method}'")
         positions = calibration.get("histogram_positions")
@@ -61,22 +68,25 @@ def _check_components(recipe: Recipe) -> None:
                                   f"{close_matches(key, evaluator.options)}")
 
 
+def plan(recipe: Recipe) -> list[Step]:
+    """The ordered steps a recipe asks for, each with its cache key."""
+    return assign_keys(steps_for(recipe))
+
+
 def steps_for(recipe: Recipe) -> list[Step]:
     from .optimizing import DEFAULT_PASSES
+    from .registry import get_registry
 
     check_components(recipe)
+    registry = get_registry()
     steps: list[Step] = []
     model = recipe.section("model")
     if "onnx" in model:
-        path = recipe.resolve(model["onnx"])
-        assert path is not None
-        steps.append(Step("model", {"onnx": str(path)}, files=[path], action=_copy_model))
+        steps.append(Step("model", {"onnx": model["onnx"]}, files=recipe.model_files, action=_copy_model))
     else:
-        checkpoint = recipe.resolve(model.get("checkpoint"))
-        files = _source_files(model["source"], recipe.folder) + ([checkpoint] if checkpoint else [])
-        config = {"source": model["source"], "exporter": model.get("exporter", "torch"),
-                  "checkpoint": str(checkpoint) if checkpoint else None, "options": model.get("options", {})}
-        steps.append(Step("export", config, files=files, action=_export))
+        config = {"source": model["source"], "exporter": model.get("exporter") or registry.default("exporters").name,
+                  "checkpoint": model.get("checkpoint"), "options": model.get("options", {})}
+        steps.append(Step("export", config, files=recipe.model_files, action=_export))
     first = steps[0].name
 
     passes = recipe.section("passes") or [{"name": name} for name in DEFAULT_PASSES]
@@ -87,21 +97,24 @@ def steps_for(recipe: Recipe) -> list[Step]:
     calibration = recipe.section("calibration")
     int8 = bool(calibration) and quantize.get("enabled", True)
     if int8:
-        data = recipe.resolve(calibration.get("data"))
+        data = calibration.get("data")
         if data is None:
             raise TrtkitError(f"{recipe.path} [calibration]: missing key 'data'")
-        overrides = recipe.resolve(calibration.get("overrides"))
+        overrides = calibration.get("overrides")
         config = {key: calibration.get(key) for key in ("method", "options", "batch_size", "limit", "cache",
                                                             "trt_version", "histogram_positions")}
-        config.update(data=str(data), overrides=str(overrides) if overrides else None)
-        config["method"] = config["method"] or DEFAULT_METHOD
+        config.update(data=data, overrides=overrides)
+        if not config["method"]:
+            from .calibration import default_calibrator
+
+            config["method"] = default_calibrator().name
         steps.append(Step("calibrate", config, needs=["optimize"],
-                          files=[data] + ([overrides] if overrides else []), action=_calibrate))
+                          files=[Path(data)] + ([Path(overrides)] if overrides else []), action=_calibrate))
         qconfig = {key: quantize.get(key) for key in ("exclude", "exclude_op_types", "per_channel", "reduce_range")}
         steps.append(Step("quantize", qconfig, needs=["optimize", "calibrate"], action=_quantize))
 
     built: list[str] = []
-    for item in recipe.section("builders") or DEFAULT_BUILDERS:
+    for item in recipe.section("builders") or [{"name": registry.default("builders").name}]:
         precisions = item.get("precisions") or ["fp32", "int8"]
         for precision in precisions:
             if precision not in ("fp32", "int8"):
@@ -119,14 +132,12 @@ def steps_for(recipe: Recipe) -> list[Step]:
     evaluators = recipe.section("evaluators")
     gates = {GATE_OPTIONS[key]: value for key, value in recipe.section("gates").items()}
     for item in evaluators:
-        data = recipe.resolve(item.get("data"))
-        labels = recipe.resolve(item.get("labels"))
+        data, labels = item.get("data"), item.get("labels")
         options = dict(item.get("options", {}))
-        if item["name"] == "accuracy":
+        if gates and set(gates) <= set(registry.evaluator(item["name"]).options):
             options.update({key: str(value) for key, value in gates.items()})
-        config = {"evaluator": item["name"], "data": str(data) if data else None,
-                  "labels": str(labels) if labels else None, "options": options}
-        files = [path for path in (data, labels) if path is not None]
+        config = {"evaluator": item["name"], "data": data, "labels": labels, "options": options}
+        files = [Path(path) for path in (data, labels) if path is not None]
         steps.append(Step(f"eval:{item['name']}", config, needs=["optimize", *built], files=files,
                           action=_evaluate))
     return steps
@@ -215,16 +226,18 @@ def _build(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str
 
 def _evaluate(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str, Any]:
     from .evaluation import evaluate, jsonable
+    from .registry import get_registry
 
     config = step.config
     reference = results["optimize"].path("model")
     candidates = _runnable_builds(step, results)
+    name = config["evaluator"]
+    evaluator = get_registry().evaluator(name)
     options = dict(config["options"])
     for key in ("data", "labels"):
-        if config.get(key) and key in _evaluator_options(config["evaluator"]):
+        if config.get(key) and key in evaluator.options:
             options[key] = config[key]
-    name = config["evaluator"]
-    if name == "speed":
+    if evaluator.compares == "all":
         result = evaluate(name, [path for _, path in candidates], **options)
         runs = [{"label": "all builds", "data": jsonable(result.data), "summary": result.summary,
                  "passed": result.passed}]
@@ -236,12 +249,6 @@ def _evaluate(step: Step, results: dict[str, StepResult], folder: Path) -> dict[
                          "passed": result.passed})
     (folder / "result.json").write_text(json.dumps(runs, indent=2, sort_keys=True, default=str) + "\n")
     return {"result": "result.json", "passed": all(run["passed"] for run in runs)}
-
-
-def _evaluator_options(name: str) -> set[str]:
-    from .registry import get_registry
-
-    return set(get_registry().evaluator(name).options)
 
 
 def _runnable_builds(step: Step, results: dict[str, StepResult]) -> list[tuple[str, Path]]:
@@ -393,9 +400,9 @@ def report_context(recipe: Recipe, results: dict[str, StepResult], out: Path) ->
         calibration = recipe.section("calibration")
         context["histograms"] = activation_histograms(
             str(results["optimize"].path("model")), str(results["quantize"].path("model")),
-            str(recipe.resolve(calibration.get("data"))), num_samples=256)
+            calibration.get("data"), num_samples=256)
         for entry in context["histograms"].values():
-            entry["method"] = calibration.get("method", DEFAULT_METHOD)
+            entry["method"] = json.loads(results["calibrate"].path("scales").read_text())["method"]
     if "calibrate" in results:
         scales = json.loads(results["calibrate"].path("scales").read_text())
         tensors = scales.get("tensors", {})
@@ -403,18 +410,54 @@ def report_context(recipe: Recipe, results: dict[str, StepResult], out: Path) ->
             "method": scales.get("method"), "num_samples": scales.get("num_samples"),
             "scales": {name: entry["scale"] if isinstance(entry, dict) else entry for name, entry in tensors.items()},
         }
+    from .registry import get_registry
+
     for name, result in results.items():
         if not name.startswith("eval:"):
             continue
-        runs = json.loads(result.path("result").read_text())
-        evaluator = name.split(":", 1)[1]
-        data = [run["data"] for run in runs]
-        if evaluator == "speed" and data:
-            context["speed"] = data[0]
-        elif evaluator == "accuracy":
-            context["accuracy"] = data
-        elif evaluator == "layers" and data:
-            context["layers"] = data[-1]
+        evaluator = get_registry().evaluator(name.split(":", 1)[1])
+        data = [run["data"] for run in json.loads(result.path("result").read_text())]
+        if evaluator.report_section and data:
+            context[evaluator.report_section] = data[0] if evaluator.compares == "all" else data
     built = [(n, r.outputs.get("skipped")) for n, r in results.items() if n.startswith("build:")]
     context["notes"] = [f"{n.removeprefix('build:')}: skipped ({why})" for n, why in built if why]
     return context
+
+
+# ---- run -----------------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    output: Path
+    results: dict[str, StepResult]
+    gates: list[tuple[str, bool, str]]
+    report: Path | None
+
+    @property
+    def passed(self) -> bool:
+        return all(ok for _, ok, _ in self.gates)
+
+
+def output_folder(recipe: Recipe, override: str | os.PathLike[str] | None = None) -> Path:
+    """Where a run writes: `override`, else the recipe's [output] dir, else trtkit-run beside the recipe."""
+    if override is not None:
+        return Path(override)
+    configured = recipe.section("output").get("dir")
+    return Path(configured) if configured else recipe.folder / "trtkit-run"
+
+
+def run_recipe(path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, force: bool = False,
+               log: Callable[[str], None] | None = None) -> RunResult:
+    """Run every step of the recipe, reusing cached results whose key is unchanged."""
+    recipe = load_recipe(path)
+    steps = plan(recipe)
+    out = output_folder(recipe, output)
+    results = run_steps(steps, out, force=force, log=log)
+    gates = check_gates(recipe, results)
+    report = publish(recipe, results, gates, out)
+    return RunResult(out, results, gates, report)
+
+
+def gate_error(result: RunResult) -> GateError | None:
+    failed = [f"{name}: {detail}" for name, ok, detail in result.gates if not ok]
+    return GateError("accuracy gate failed: " + "; ".join(failed)) if failed else None

@@ -19,6 +19,8 @@ from .errors import OptionError, close_matches
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import onnx
+
     from .model import ModelArtifact
 
 _MISSING: Any = object()
@@ -162,6 +164,10 @@ class GraphPass(Component):
     measured_difference: Callable[[ModelArtifact], float | None] | None = field(default=None, repr=False)
 
 
+# What a calibrator needs collected (Calibrator.statistics), cheapest first.
+STATISTICS = ("range", "histogram", "exact-histogram")
+
+
 @dataclass(frozen=True)
 class Calibrator(Component):
     """Computes activation ranges (amax) from statistics collected once over the calibration data.
@@ -169,9 +175,18 @@ class Calibrator(Component):
     compute_amax(stats, **options) -> float
       stats: a `trtkit.calibration.TensorStats` (min, max, |x| histogram with fixed bin edges).
       Returns the symmetric range amax > 0; the INT8 scale is amax / 127.
+    statistics: what the collection must gather for it: "range" (min/max only, several times cheaper),
+      "histogram" (|x| histogram of evenly spread positions of each sample) or "exact-histogram" (every
+      value histogrammed, for methods sensitive to the counts in sparse tail bins).
     """
 
     compute_amax: Callable[..., float] = field(default=lambda *a, **k: 0.0, repr=False)
+    statistics: str = "histogram"
+
+    def __post_init__(self) -> None:
+        if self.statistics not in STATISTICS:
+            raise ValueError(f"calibrator '{self.name}': statistics must be one of {', '.join(STATISTICS)}, "
+                             f"not {self.statistics!r}")
 
 
 @runtime_checkable
@@ -200,6 +215,9 @@ class Builder(Component):
                                                 "shape"}], ...}; None when the artefact is not its kind;
                                                 `trtkit inspect`)
     suffix: the default output's name after the model's stem, e.g. ".ort.onnx" ("" gives ".<name>.engine")
+    scale_tensors(model) -> list[str]          (optional; for builders that take calibrated scales: the activations
+                                                they quantize, in graph order; what `trtkit calibrate` observes
+                                                by default, tensors="quantizable")
     """
 
     build: Callable[..., Any] = field(default=lambda *a, **k: None, repr=False)
@@ -208,6 +226,7 @@ class Builder(Component):
     check: Callable[[Path], dict[str, Any]] | None = field(default=None, repr=False)
     describe: Callable[[Path], dict[str, Any] | None] | None = field(default=None, repr=False)
     suffix: str = ""
+    scale_tensors: Callable[[onnx.ModelProto], list[str]] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -216,9 +235,19 @@ class Evaluator(Component):
 
     evaluate(models, **options) -> EvaluationResult
       models: list of artefact paths (by convention the first is the reference where one is needed).
+    compares: what one evaluation takes in a recipe run: "pair" (the reference and one candidate; run once per
+      built artefact, e.g. accuracy) or "all" (every built artefact at once, e.g. a speed table).
+    report_section: the section of the run's report its data fills ("": none); a "pair" evaluator fills it
+      with the list of its per-candidate data, an "all" evaluator with its one data.
     """
 
     evaluate: Callable[..., EvaluationResult] = field(default=lambda *a, **k: None, repr=False)
+    compares: str = "pair"
+    report_section: str = ""
+
+    def __post_init__(self) -> None:
+        if self.compares not in ("pair", "all"):
+            raise ValueError(f"evaluator '{self.name}': compares must be 'pair' or 'all', not {self.compares!r}")
 
 
 @dataclass

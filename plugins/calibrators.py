@@ -12,6 +12,9 @@ from typing import Any
 from trtkit import hookimpl
 from trtkit.stages import Calibrator, Option
 
+# Marked default=True: best or within 0.3 dB of the best on every benchmark model (docs/benchmarks.md).
+DEFAULT_METHOD = "percentile"
+
 
 def _minmax(stats: Any) -> float:
     from trtkit.calibration import amax_minmax
@@ -49,6 +52,7 @@ def register_calibrators(register: Any) -> None:
         name="minmax",
         description="Largest |x| seen (no clipping; sensitive to outliers).",
         compute_amax=_minmax,
+        statistics="range",
     ))
     register(Calibrator(
         name="entropy",
@@ -59,12 +63,14 @@ def register_calibrators(register: Any) -> None:
             "start": Option("int", 128, "first candidate bin"),
         },
         compute_amax=_entropy,
+        statistics="exact-histogram",  # its KL divergence depends on the counts in sparse tail bins
     ))
     register(Calibrator(
-        name="percentile",
+        name=DEFAULT_METHOD,
         description="The given percentile of |x| (e.g. 99.99).",
         options={"percentile": Option("float", 99.99, "percentile of |x| in (0, 100]")},
         compute_amax=_percentile,
+        default=True,
     ))
     register(Calibrator(
         name="mse",

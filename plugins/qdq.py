@@ -25,6 +25,12 @@ def _build(model: Any, output: Any, scales: str | None = None, exclude: list[str
     return Path(output)
 
 
+def _scale_tensors(model: Any) -> list[str]:
+    from trtkit.qdq import activation_candidates
+
+    return activation_candidates(model)
+
+
 @hookimpl
 def register_builders(register: Any) -> None:
     register(Builder(
@@ -39,4 +45,5 @@ def register_builders(register: Any) -> None:
             "concat_max_ratio": Option("float", 32.0, "no shared Concat scale when input ranges differ more"),
         },
         build=_build,
+        scale_tensors=_scale_tensors,
     ))

@@ -10,8 +10,8 @@ import pytest
 from conftest import run_cli
 
 import trtkit
-from trtkit.calibration import DEFAULT_METHOD
 from trtkit.examples.digits import INPUT_NAME, accuracy
+from trtkit.plugins.calibrators import DEFAULT_METHOD
 from trtkit.runtime import session
 
 
