@@ -46,12 +46,11 @@ def _fmt(sqnr: float, acc: float | None) -> str:
 def run_digits(folder: Path) -> list[list[object]]:
     import torch
 
-    from trtkit import qat
+    from trtkit import bias_correct, equalize, qat
     from trtkit.calibration import calibrate
     from trtkit.examples.digits import load_digits_split, train_digits_cnn, train_edge_filter_cnn
     from trtkit.metrics import sqnr_db
     from trtkit.model import ModelArtifact
-    from trtkit.ptq import bias_correct, equalize
     from trtkit.qdq import quantize
     from trtkit.runtime import run, session
 
@@ -108,10 +107,10 @@ def run_digits(folder: Path) -> list[list[object]]:
 
 def run_mobilenet(folder: Path) -> list[list[object]]:
     from benchmarks.models import build_zoo, sample_inputs
+    from trtkit import bias_correct, equalize
     from trtkit.calibration import calibrate
     from trtkit.metrics import sqnr_db
     from trtkit.model import ModelArtifact
-    from trtkit.ptq import bias_correct, equalize
     from trtkit.qdq import quantize
     from trtkit.runtime import run, session
 

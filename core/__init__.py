@@ -24,6 +24,10 @@ _LAZY = {
     "run_recipe": "trtkit.recipe",
     "ModelArtifact": "trtkit.model",
     "load_model": "trtkit.model",
+    # the PTQ passes as functions returning (new artefact, report); they live in the `ptq` plugin
+    "equalize": "trtkit.plugins.ptq.equalize",
+    "bias_correct": "trtkit.plugins.ptq.bias_correct",
+    "qdq_tune": "trtkit.plugins.ptq.qdq_tune",
 }
 
 __all__ = ["__version__", "hookimpl", *_LAZY]

@@ -210,7 +210,7 @@ def _stub_big_constants(graph: Any) -> dict[str, Any]:
 
     moved: dict[str, Any] = {}
     for tensor in graph.tensors().values():
-        values = getattr(tensor, "_values", None)
+        values: Any = getattr(tensor, "_values", None)
         if isinstance(tensor, gs.Constant) and type(values) is LazyValues and tensor.name not in moved:
             proto = values.tensor  # an inline initializer nobody read: its bytes are taken as they are
             if proto.HasField("raw_data") and not proto.external_data and proto.ByteSize() >= LAZY_MIN_BYTES:

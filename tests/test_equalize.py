@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from trtkit import equalize
 from trtkit.errors import OptionError, UnknownNameError
 from trtkit.model import ModelArtifact
-from trtkit.ptq import equalize
 from trtkit.runtime import random_inputs, run, session
 
 

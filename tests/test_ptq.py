@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from trtkit import bias_correct, equalize
 from trtkit.errors import InputFileError, OptionError
 from trtkit.examples.digits import EDGE_CHANNELS, train_edge_filter_cnn
 from trtkit.metrics import sqnr_db
 from trtkit.model import ModelArtifact
-from trtkit.ptq import bias_correct, equalize
 from trtkit.runtime import run, session
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from trtkit import qdq_tune
 from trtkit.errors import InputFileError
 from trtkit.metrics import sqnr_db
 from trtkit.model import ModelArtifact
-from trtkit.ptq import qdq_tune
 from trtkit.runtime import random_inputs, run, session
 
 

@@ -5,7 +5,10 @@
         -O reference=model.eq.onnx -O data=calib.npz
     trtkit optimize model.int8.onnx -o model.tuned.onnx --pass qdq-tune
 
-The algorithms live in `trtkit.ptq` (numpy/onnx imported there, lazily: this module loads at CLI start-up).
+One pass per module: `equalize.py`, `bias_correct.py`, `qdq_tune.py` (`common.py` holds what they share).
+This module only declares and registers them; a pass module is imported when its pass runs (this one loads
+at CLI start-up). As Python functions: `trtkit.equalize`, `trtkit.bias_correct`, `trtkit.qdq_tune`, each
+returning (new artefact, report).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ if TYPE_CHECKING:
 def _equalize(artifact: ModelArtifact, iterations: int = 20, max_scale: float = 1e4, relu6: str = "skip",
               layers: list[str] | None = None) -> ModelArtifact:
     """Cross-layer equalization of an FP32 model (run it before calibration and quantization)."""
-    from trtkit.ptq import equalize
     from trtkit.ui import console
+
+    from .equalize import equalize
 
     result, report = equalize(artifact, iterations=iterations, max_scale=max_scale, relu6=relu6, layers=layers)
     result.metadata.setdefault("ptq", {})["equalize"] = {
@@ -37,8 +41,9 @@ def _equalize(artifact: ModelArtifact, iterations: int = 20, max_scale: float = 
 def _bias_correct(artifact: ModelArtifact, reference: str = "", data: str = "", limit: int = 256,
                   batch_size: int = 32, iterations: int = 1, verify: bool = True) -> ModelArtifact:
     """Empirical bias correction of a Q/DQ model against its FP32 reference on calibration data."""
-    from trtkit.ptq import bias_correct
     from trtkit.ui import console
+
+    from .bias_correct import bias_correct
 
     result, report = bias_correct(artifact, reference, data, limit=limit, batch_size=batch_size,
                                   iterations=iterations, verify=verify)
@@ -52,8 +57,9 @@ def _bias_correct(artifact: ModelArtifact, reference: str = "", data: str = "", 
 def _qdq_tune(artifact: ModelArtifact, align_concat: bool = True, align_pool: bool = True,
               residual: bool = True, outputs: bool = True, verify: bool = True) -> ModelArtifact:
     """Remove redundant Q/DQ pairs and align scales across Concat / MaxPool for TensorRT."""
-    from trtkit.ptq import qdq_tune
     from trtkit.ui import console
+
+    from .qdq_tune import qdq_tune
 
     result, report = qdq_tune(artifact, align_concat=align_concat, align_pool=align_pool, residual=residual,
                               outputs=outputs, verify=verify)
