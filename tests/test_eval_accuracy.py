@@ -414,3 +414,21 @@ def test_bad_task_metric_options_are_one_line_exit_2(yolov8_pair, options, needl
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+
+
+def test_task_metric_flag(yolov8_pair, tmp_path):
+    ref_path, cand_path, x_path, _ = yolov8_pair
+    flags = [arg for spec in YOLO_SPECS for arg in ("--task-metric", spec)]
+    result = run_cli("eval", "accuracy", str(ref_path), str(cand_path), "--data", str(x_path), *flags,
+                     "-O", "max_box_mae=1", "--json", "-o", str(tmp_path / "result.json"))
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "result.json").read_text())
+    assert written == json.loads(result.stdout)
+    assert set(written["data"]["task_metrics"]) == {"positives", "boxes"}
+    assert "positives output0: IoU" in result.stderr and "boxes output0: mean IoU" in result.stderr
+    both = run_cli("eval", "accuracy", str(ref_path), str(cand_path), "--data", str(x_path), *flags[:2],
+                   "-O", "task_metrics=" + YOLO_SPECS[0])
+    assert both.returncode == 2 and "not both" in both.stderr
+    bad = run_cli("eval", "accuracy", str(ref_path), str(cand_path), "--data", str(x_path),
+                  "--task-metric", "positives output=output0 axis=1 start=4 threshold=high")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "threshold must be a number" in bad.stderr

@@ -29,6 +29,11 @@ def eval_command(
         typer.Option("--runtime-kernels/--emulate-qdq",
                      help="QDQ models on onnxruntime's int8 kernels, or with Q/DQ emulated in float."),
     ] = None,
+    task_metric: Annotated[
+        list[str] | None,
+        typer.Option("--task-metric", help="accuracy: task metric 'KIND key=value ...' (positives, boxes, map; "
+                     "repeatable), e.g. 'positives output=output0 axis=1 start=4 threshold=0.25'."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Measure artefacts: accuracy (gates: exit code 3 on failure), speed, per-layer error, reports."""
@@ -47,6 +52,12 @@ def eval_command(
         options["data"] = data
     if runtime_kernels is not None:
         options["runtime_kernels"] = runtime_kernels
+    if task_metric:
+        if "task_metrics" in options:
+            from trtkit.errors import OptionError
+
+            raise OptionError("give task metrics with --task-metric or with -O task_metrics, not both")
+        options["task_metrics"] = task_metric
     writes_output = "output" in evaluator.options and evaluator.options["output"].type == "path"
     if output is not None and writes_output:
         options["output"] = str(output)
@@ -104,6 +115,11 @@ def show_tables(data: dict[str, Any]) -> bool:
                               f"{_number(task['confident_agreement'])}", markup=False, highlight=False, soft_wrap=True)
             for key in sorted(k for k in task if k.startswith(("reference_top", "candidate_top"))):
                 console.print(f"{key} {_number(task[key])}", markup=False, highlight=False, soft_wrap=True)
+            if run.get("task_metrics"):
+                from trtkit.plugins.evaluators.accuracy import task_metric_lines
+
+                for line in task_metric_lines(run["task_metrics"]):
+                    console.print(line, markup=False, highlight=False, soft_wrap=True)
             if run["checks"]:
                 checks = Table(title="tolerances")
                 for column in ("output", "metric", "value", "limit", "result"):

@@ -282,11 +282,18 @@ def task_metric_lines(task_results: dict[str, dict[str, dict[str, Any]]], indent
     for name, m in task_results.get("positives", {}).items():
         lines.append(f"{indent}positives {name}: IoU {m['positive_iou']:.4f} (anchors {m['anchor_iou']:.4f}); "
                      f"{m['reference_positives']:.0f} reference vs {m['candidate_positives']:.0f} candidate "
-                     f"positives > {m['settings']['threshold']:g} ({m['activation']['reference']})")
+                     f"positives > {m['settings']['threshold']:g} ({_applied(m['activation'])})")
     for name, m in task_results.get("boxes", {}).items():
         lines.append(f"{indent}boxes {name}: mean IoU {m['box_iou']:.4f}, MAE {m['box_mae']:.4g}, SQNR "
                      f"{m['box_sqnr_db']:.2f} dB on {m['matched']:.0f} anchors positive in both")
     for name, m in task_results.get("map", {}).items():
         lines.append(f"{indent}map {name}: IoU {m['map_iou']:.4f} at > {m['settings']['threshold']:g}, SQNR "
-                     f"{m['map_sqnr_db']:.2f} dB ({m['activation']['reference']})")
+                     f"{m['map_sqnr_db']:.2f} dB ({_applied(m['activation'])})")
     return lines
+
+
+def _applied(activation: dict[str, str]) -> str:
+    """'sigmoid applied' / 'used as probabilities', per model when they differ."""
+    words = {"sigmoid": "sigmoid applied", "none": "used as probabilities"}
+    ref, cand = words[activation["reference"]], words[activation["candidate"]]
+    return ref if ref == cand else f"reference {ref}, candidate {cand}"
