@@ -80,7 +80,7 @@ def bench_model(name: str, entry: dict[str, Any], folder: Path) -> dict[str, Any
     from trtkit.building import check
     from trtkit.calibration import calibrate
     from trtkit.metrics import sqnr_db
-    from trtkit.qdq import quantize
+    from trtkit.plugins.qdq.insert import quantize
 
     fp32 = entry["path"]
     qdq = folder / f"{name}_qdq.onnx"

@@ -51,7 +51,7 @@ def run_digits(folder: Path) -> list[list[object]]:
     from trtkit.examples.digits import load_digits_split, train_digits_cnn, train_edge_filter_cnn
     from trtkit.metrics import sqnr_db
     from trtkit.model import ModelArtifact
-    from trtkit.qdq import quantize
+    from trtkit.plugins.qdq.insert import quantize
     from trtkit.runtime import run, session
 
     x_train, y_train, x_test, y_test = load_digits_split()
@@ -111,7 +111,7 @@ def run_mobilenet(folder: Path) -> list[list[object]]:
     from trtkit.calibration import calibrate
     from trtkit.metrics import sqnr_db
     from trtkit.model import ModelArtifact
-    from trtkit.qdq import quantize
+    from trtkit.plugins.qdq.insert import quantize
     from trtkit.runtime import run, session
 
     path = build_zoo(folder, names=["mobilenet"], batch=1)["mobilenet"]

@@ -18,7 +18,7 @@ _LAZY = {
     "export": "trtkit.exporting",
     "optimize": "trtkit.optimizing",
     "calibrate": "trtkit.calibration",
-    "quantize": "trtkit.qdq",
+    "quantize": "trtkit.plugins.qdq.insert",  # the qdq builder's rewrite, in its plugin
     "build": "trtkit.building",
     "evaluate": "trtkit.evaluation",
     "run_recipe": "trtkit.recipe",

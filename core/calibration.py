@@ -28,25 +28,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import DataError, InputFileError, OptionError, UnknownNameError, unknown_name
+from .errors import DataError, InputFileError, OptionError, UnknownNameError, first_line, unknown_name
 from .scales import Scales, load_overrides, model_fingerprint, read_scales_file, tensor_names
 from .stages import Builder, Calibrator
 
 if TYPE_CHECKING:
     import onnx
 
-    from .model import ModelArtifact
 
 FINE_BINS = 8192          # internal histogram resolution (power of two)
-ENTROPY_BINS = 2048       # TensorRT EntropyCalibrator2: |x| histogram bins over [0, amax_observed]
-ENTROPY_LEVELS = 128      # quantized levels of the positive half
-ENTROPY_START = 128       # first candidate bin
+HISTOGRAM_BINS = 2048     # default bins of TensorStats.histogram over [0, observed |x| max]
 CHUNK = 1 << 20           # elements binned at a time
 # Histogram positions per sample per tensor (see collect(per_item=...)). Binning costs ~5 ns a value in numpy
 # and holds the GIL, more than the convolutions that produce the values on depthwise nets; 4096 evenly spread
 # positions of every sample change SQNR by < 0.3 dB on the benchmark models while min/max stay exact.
 # Calibrators declaring statistics="exact-histogram" get every value: a KL divergence depends on how many values
-# fill the tail bins (sampling moved TensorRT's entropy threshold by 12 % on a test model).
+# fill the tail bins (sampling moved TensorRT's KL threshold by 12 % on a test model).
 DEFAULT_PER_ITEM = 4096
 RUN_BYTES = 4 << 20       # observed activations per onnxruntime run (dynamic-batch models run in slices)
 TINY_AMAX = 1e-8          # used for tensors that are identically zero (scales must be > 0)
@@ -162,7 +159,7 @@ class TensorStats:
         result.hist = result.hist + theirs.hist
         return result
 
-    def histogram(self, bins: int = ENTROPY_BINS, upper: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def histogram(self, bins: int = HISTOGRAM_BINS, upper: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(counts, edges) of |x| with `bins` bins over [0, upper] (default the observed |x| max).
 
         Derived from the fine histogram by interpolating its cumulative counts (counts may be fractional).
@@ -198,100 +195,6 @@ def _prime_at_least(n: int) -> int:
     while any(candidate % d == 0 for d in range(2, int(candidate ** 0.5) + 1)):
         candidate += 1
     return candidate
-
-
-# ---- methods (vectorised; used by the built-in calibrator plugins) ----------------------------------------
-
-def amax_minmax(stats: TensorStats) -> float:
-    return stats.absmax
-
-
-def amax_percentile(stats: TensorStats, percentile: float = 99.99) -> float:
-    """The given percentile of |x| (linear interpolation inside the fine histogram's bins)."""
-    if not 0.0 < percentile <= 100.0:
-        raise OptionError(f"percentile must be in (0, 100], got {percentile}")
-    if stats.count == 0 or stats.range == 0.0 or percentile >= 100.0:
-        return stats.absmax
-    cumulative = np.concatenate([[0.0], np.cumsum(stats.hist, dtype=np.float64)])
-    total = cumulative[-1]
-    # numpy's 'linear' percentile of n sorted values sits at rank p/100 * (n - 1); count ranks from 0.5.
-    rank = percentile / 100.0 * (total - 1) + 0.5
-    fine_edges = np.linspace(0.0, stats.range, FINE_BINS + 1)
-    value = float(np.interp(rank, cumulative, fine_edges))
-    return min(value, stats.absmax)
-
-
-def amax_entropy(stats: TensorStats, bins: int = ENTROPY_BINS, levels: int = ENTROPY_LEVELS,
-                 start: int = ENTROPY_START) -> float:
-    """TensorRT EntropyCalibrator2: the threshold whose 128-level quantization has minimal KL(P||Q).
-
-    |x| histogram with `bins` bins over [0, observed max], bin 0 set to bin 1's count (NVIDIA's reference does
-    this so the zero spike of ReLU outputs does not decide the range); for each candidate i in start..bins,
-    P = the first i bins with the outliers added to bin i-1, Q = the first i bins merged into `levels` equal-width
-    levels (bin k goes to level floor(k * levels / i)) and expanded back over the non-empty bins (empty bins stay
-    empty); the threshold is the edge of bin i with minimal KL(P||Q), the last one on ties. Candidates whose
-    last bin is empty while outliers exist have infinite divergence.
-    Vectorised over all candidates.
-    """
-    absmax = stats.absmax
-    if stats.count == 0 or absmax <= 0.0:
-        return absmax
-    counts, edges = stats.histogram(bins)
-    total = counts.sum()
-    if total <= 0:
-        return absmax
-    # KL(P||Q) per candidate in O(levels) from prefix sums (no per-bin work per candidate), with T the total,
-    # C_i the mass of the first i bins, O_i = T - C_i the outliers, S_j / N_j a level's mass / non-empty bins:
-    # T*KL = sum P log P - T log T + T log C_i - sum_j S_j log(S_j / N_j) - O_i log Q_{i-1}
-    counts = counts.copy()
-    if bins > 1:
-        counts[0] = counts[1]  # as NVIDIA's reference: the spike at 0 (ReLU outputs) must not decide the range
-    total = counts.sum()
-    candidates = np.arange(start, bins + 1)
-    cumulative = np.concatenate([[0.0], np.cumsum(counts)])
-    nonzero = counts > 0
-    cum_nonzero = np.concatenate([[0], np.cumsum(nonzero)])
-    xlogx = np.where(nonzero, counts * np.log(np.where(nonzero, counts, 1.0)), 0.0)
-    cum_xlogx = np.concatenate([[0.0], np.cumsum(xlogx)])
-    i = candidates[:, None]
-    bounds = (np.arange(levels + 1)[None, :] * i + levels - 1) // levels   # first bin of each level
-    level_sum = cumulative[bounds[:, 1:]] - cumulative[bounds[:, :-1]]
-    level_nz = cum_nonzero[bounds[:, 1:]] - cum_nonzero[bounds[:, :-1]]
-    used = (level_nz > 0) & (level_sum > 0)
-    density = np.where(used, level_sum / np.where(used, level_nz, 1), 0.0)
-    cross = np.where(used, level_sum * np.log(np.where(used, density, 1.0)), 0.0).sum(axis=1)
-    inside = cumulative[candidates]                    # C_i
-    outliers = total - inside                          # O_i
-    last = counts[candidates - 1] + outliers           # P_{i-1}
-    p_log_p = cum_xlogx[candidates - 1] + np.where(last > 0, last * np.log(np.where(last > 0, last, 1.0)), 0.0)
-    last_q = density[:, -1]                            # Q_{i-1}: bin i-1 is in the last level
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tail = np.where(outliers > 0, outliers * np.log(np.where(last_q > 0, last_q, 1.0)), 0.0)
-        divergence = (p_log_p - total * math.log(total) + total * np.log(np.where(inside > 0, inside, 1.0))
-                      - cross - tail) / total
-    impossible = (inside <= 0) | ((outliers > 0) & (counts[candidates - 1] <= 0))
-    divergence = np.where(impossible, math.inf, divergence)
-    best_i = int(candidates[len(divergence) - 1 - int(np.argmin(divergence[::-1]))])
-    return float(edges[best_i])
-
-
-def amax_mse(stats: TensorStats, bins: int = ENTROPY_BINS, start: int = ENTROPY_START, stride: int = 2) -> float:
-    """The threshold minimising the mean squared quantization error of |x| (int8 symmetric, 127 levels)."""
-    absmax = stats.absmax
-    if stats.count == 0 or absmax <= 0.0:
-        return absmax
-    counts, edges = stats.histogram(bins)
-    centers = (edges[:-1] + edges[1:]) / 2
-    candidates = edges[np.arange(start, bins + 1, stride)]
-    best, best_err = absmax, math.inf
-    for block in np.array_split(candidates, max(1, len(candidates) // 128)):
-        step = block[:, None] / 127.0
-        quantized = np.minimum(np.round(centers[None, :] / step), 127.0) * step
-        error = ((centers[None, :] - quantized) ** 2 * counts[None, :]).sum(axis=1)
-        index = int(np.argmin(error))
-        if error[index] < best_err:
-            best_err, best = float(error[index]), float(block[index])
-    return best
 
 
 # ---- components: the default calibrator, the builder that takes scales --------------------------------------
@@ -383,16 +286,6 @@ def _check_names(model: onnx.ModelProto, names: Iterable[str], kind: str, where:
 
 # ---- collection --------------------------------------------------------------------------------------------
 
-def _artifact(model: Any) -> ModelArtifact:
-    from .model import ModelArtifact
-
-    if isinstance(model, ModelArtifact):
-        return model
-    if isinstance(model, (str, os.PathLike)):
-        return ModelArtifact.load(model)
-    return ModelArtifact.from_model(model)
-
-
 @dataclass
 class Statistics:
     """What one pass over the calibration data collected: per-tensor statistics plus fingerprints."""
@@ -458,9 +351,10 @@ def collect(
     min/max are always exact. Histogramming every value is exact but can cost more than the inference itself.
     """
     from .data import DataFingerprint, DataSource, batch_len, load_data
+    from .model import as_artifact
     from .runtime import session
 
-    artifact = _artifact(model)
+    artifact = as_artifact(model)
     onnx_model = artifact.model
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx_model.graph.node):
         raise InputFileError(f"{artifact.source or 'model'}: already quantized (has Q/DQ nodes); calibrate the FP32 model")
@@ -596,8 +490,7 @@ def _result(pending: tuple[dict[str, np.ndarray], Any]) -> tuple[dict[str, np.nd
     try:
         return feeds, future.result()
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"onnxruntime failed on the calibration data: {first}") from None
+        raise DataError(f"onnxruntime failed on the calibration data: {first_line(exc)}") from None
 
 
 def calibrate(

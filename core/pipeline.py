@@ -197,12 +197,13 @@ def _calibrate(step: Step, results: dict[str, StepResult], folder: Path) -> dict
 
 
 def _quantize(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str, Any]:
-    from .calibration import Scales
-    from .qdq import quantize
+    from .calibration import scales_builder
 
-    config = {key: value for key, value in step.config.items() if value is not None}
-    scales = Scales.load(results["calibrate"].path("scales"))
-    quantize(results["optimize"].path("model"), scales, output=folder / "model.onnx", **config)
+    builder = scales_builder()  # the builder that takes calibrated scales (it declares scale_tensors)
+    given = {key: value for key, value in step.config.items() if value is not None}
+    options = builder.resolve_options({**given, "scales": str(results["calibrate"].path("scales"))},
+                                      where=f"[quantize] builder '{builder.name}'")
+    builder.build(results["optimize"].path("model"), folder / "model.onnx", **options)
     return {"model": "model.onnx"}
 
 

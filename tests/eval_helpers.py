@@ -1,5 +1,5 @@
 """Real ONNX models for the evaluator tests, built with onnx.helper, and a small max-calibrated QDQ quantizer
-(symmetric int8, activations per tensor, weights per tensor) used until trtkit.qdq is available."""
+(symmetric int8, activations per tensor, weights per tensor) used until trtkit.quantize is available."""
 
 from __future__ import annotations
 

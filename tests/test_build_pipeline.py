@@ -19,7 +19,7 @@ from trtkit.runtime import run, session
 @pytest.fixture(scope="module")
 def digits_qdq(digits_onnx, digits_data, tmp_path_factory):
     from trtkit.calibration import calibrate
-    from trtkit.qdq import quantize
+    from trtkit.plugins.qdq.insert import quantize
 
     x_train, _, _, _ = digits_data
     scales = calibrate(digits_onnx, {"image": x_train[:256]}, method="entropy", progress=False)

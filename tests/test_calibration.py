@@ -11,17 +11,12 @@ import pytest
 from conftest import run_cli
 from qdq_models import conv_model, random_batch, residual_model
 
-from trtkit.calibration import (
-    FINE_BINS,
-    TensorStats,
-    amax_entropy,
-    amax_minmax,
-    amax_mse,
-    amax_percentile,
-    calibrate,
-    collect,
-)
+from trtkit.calibration import FINE_BINS, TensorStats, calibrate, collect
 from trtkit.errors import DataError, InputFileError, OptionError, UnknownNameError
+from trtkit.plugins.calibrators.entropy import amax_entropy
+from trtkit.plugins.calibrators.minmax import amax_minmax
+from trtkit.plugins.calibrators.mse import amax_mse
+from trtkit.plugins.calibrators.percentile import amax_percentile
 from trtkit.registry import get_registry
 from trtkit.scales import Scales
 
@@ -275,7 +270,7 @@ def test_unknown_calibrator_lists_close_matches(small):
 
 
 def test_quantized_models_are_refused(small, tmp_path):
-    from trtkit.qdq import quantize
+    from trtkit.plugins.qdq.insert import quantize
 
     folder, _, data = small
     quantize(folder / "m.onnx", calibrate(folder / "m.onnx", data, progress=False), output=tmp_path / "q.onnx")

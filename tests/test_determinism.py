@@ -111,7 +111,7 @@ def test_cli_pipeline_is_byte_identical_across_runs_and_threads(digits_onnx, dig
 def test_calibration_identical_across_threads_and_batch_sizes(digits_onnx, digits_data, tmp_path):
     """Statistics are mergeable: threads and batch size must not change scales, caches or the QDQ model."""
     from trtkit.calibration import calibrate
-    from trtkit.qdq import quantize
+    from trtkit.plugins.qdq.insert import quantize
     from trtkit.trtcache import write_cache
 
     x = digits_data[0][:96]

@@ -298,7 +298,7 @@ def test_default_passes_then_calibrate_quantize_always_runs(generated):
     from trtkit.calibration import calibrate
     from trtkit.model import ModelArtifact
     from trtkit.optimizing import optimize
-    from trtkit.qdq import quantize
+    from trtkit.plugins.qdq.insert import quantize
 
     optimized = optimize(ModelArtifact.from_model(generated.model), check=False).artifact
     shape = [d.dim_value or 2 for d in generated.model.graph.input[0].type.tensor_type.shape.dim]

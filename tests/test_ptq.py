@@ -37,7 +37,7 @@ def ds_onnx(digits_data, tmp_path_factory):
 def measured(ds_onnx, digits_data):
     """SQNR (dB) of plain PTQ, + equalization, + bias correction on held-out digits."""
     from trtkit.calibration import calibrate
-    from trtkit.qdq import quantize
+    from trtkit.plugins.qdq.insert import quantize
 
     x_train, _, x_test, y_test = digits_data
     calib = {"image": x_train[:128]}
@@ -158,7 +158,7 @@ def test_bias_correction_of_matmul_add_layers(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
     from trtkit.calibration import calibrate
-    from trtkit.qdq import quantize
+    from trtkit.plugins.qdq.insert import quantize
 
     rng = np.random.default_rng(0)
     inits = {"w1": rng.standard_normal((16, 32)).astype(np.float32) * 0.3,

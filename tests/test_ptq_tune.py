@@ -170,7 +170,7 @@ def test_tune_on_trtkit_qdq_keeps_outputs(tmp_path):
     from torch import nn
 
     from trtkit.calibration import calibrate
-    from trtkit.qdq import quantize
+    from trtkit.plugins.qdq.insert import quantize
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),

@@ -85,7 +85,7 @@ def poor_calibration(digits_data):
 def plain_ptq_accuracy(digits_onnx, digits_data, poor_calibration):
     """trtkit's own PTQ (calibrate + QDQ builder) with the poor calibration set."""
     from trtkit.calibration import calibrate
-    from trtkit.qdq import quantize
+    from trtkit.plugins.qdq.insert import quantize
 
     _, _, x_test, y_test = digits_data
     scales = calibrate(digits_onnx, {"image": poor_calibration}, method="minmax", progress=False)

@@ -22,7 +22,8 @@ from qdq_models import (
 
 from trtkit.calibration import calibrate
 from trtkit.errors import OptionError, UnknownNameError
-from trtkit.qdq import activation_candidates, quantize
+from trtkit.plugins.qdq.insert import quantize
+from trtkit.plugins.qdq.placement import activation_candidates
 from trtkit.runtime import session
 
 

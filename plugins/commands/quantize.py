@@ -37,7 +37,7 @@ def quantize_command(
     from trtkit.calibration import calibrate
     from trtkit.errors import OptionError
     from trtkit.fileio import check_output_path
-    from trtkit.qdq import quantize
+    from trtkit.plugins.qdq.insert import quantize
     from trtkit.ui import console
 
     if (scales is None) == (data is None):

@@ -1,6 +1,9 @@
 """Built-in `qdq` builder: an FP32 ONNX model + scales -> a QDQ INT8 ONNX model for TensorRT.
 
-The work is done by `trtkit.qdq.quantize` (imported lazily: plugin modules load at CLI start-up).
+It declares `scale_tensors` (the activations it quantizes), which is what `trtkit calibrate` observes by
+default. This module only registers; the work is in the submodules, imported when the builder is used:
+  placement.py  where Q/DQ go (plan_qdq, activation_candidates)
+  insert.py     the rewrite (quantize: `trtkit.quantize` in the Python API)
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ def _build(model: Any, output: Any, scales: str | None = None, exclude: list[str
            exclude_op_types: list[str] | None = None, per_channel: bool = True, reduce_range: bool = False,
            concat_max_ratio: float = 32.0) -> Path:
     from trtkit.errors import OptionError
-    from trtkit.qdq import quantize
+
+    from .insert import quantize
 
     if not scales:
         raise OptionError("builder 'qdq' needs option 'scales' (a scales JSON from `trtkit calibrate`)")
@@ -26,7 +30,7 @@ def _build(model: Any, output: Any, scales: str | None = None, exclude: list[str
 
 
 def _scale_tensors(model: Any) -> list[str]:
-    from trtkit.qdq import activation_candidates
+    from .placement import activation_candidates
 
     return activation_candidates(model)
 

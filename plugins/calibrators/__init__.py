@@ -1,8 +1,11 @@
-"""Built-in calibrators: minmax, entropy (TensorRT EntropyCalibrator2), percentile, mse.
+"""Built-in calibrators: minmax, entropy (TensorRT EntropyCalibrator2), percentile (the default), mse.
 
 Each computes a symmetric range amax from the statistics collected once by `trtkit.calibration.collect`
-(min, max, |x| histogram), so every method can be computed from the same pass over the data. The numerics
-live in `trtkit.calibration` (numpy, imported lazily: plugin modules load at CLI start-up).
+(min, max, |x| histogram), so every method can be computed from the same pass over the data, and declares
+which statistics it needs (`statistics`: "range", "histogram" or "exact-histogram"). They are complete
+examples of a calibrator plugin: this module only registers; the numerics are in one module per calibrator
+(minmax.py, percentile.py, entropy.py, mse.py), imported when a calibrator is used (they import numpy, and
+plugin modules load at CLI start-up).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from trtkit import hookimpl
+from trtkit.errors import OptionError
 from trtkit.stages import Calibrator, Option
 
 # Marked default=True: best or within 0.3 dB of the best on every benchmark model (docs/benchmarks.md).
@@ -17,14 +21,13 @@ DEFAULT_METHOD = "percentile"
 
 
 def _minmax(stats: Any) -> float:
-    from trtkit.calibration import amax_minmax
+    from .minmax import amax_minmax
 
     return amax_minmax(stats)
 
 
 def _entropy(stats: Any, bins: int = 2048, levels: int = 128, start: int = 128) -> float:
-    from trtkit.calibration import amax_entropy
-    from trtkit.errors import OptionError
+    from .entropy import amax_entropy
 
     if not 0 < levels <= start <= bins:
         raise OptionError(f"calibrator 'entropy' needs 0 < levels <= start <= bins, got {levels}, {start}, {bins}")
@@ -32,14 +35,13 @@ def _entropy(stats: Any, bins: int = 2048, levels: int = 128, start: int = 128) 
 
 
 def _percentile(stats: Any, percentile: float = 99.99) -> float:
-    from trtkit.calibration import amax_percentile
+    from .percentile import amax_percentile
 
     return amax_percentile(stats, percentile)
 
 
 def _mse(stats: Any, bins: int = 2048, stride: int = 2) -> float:
-    from trtkit.calibration import amax_mse
-    from trtkit.errors import OptionError
+    from .mse import amax_mse
 
     if bins < 256 or stride < 1:
         raise OptionError(f"calibrator 'mse' needs bins >= 256 and stride >= 1, got {bins}, {stride}")
