@@ -73,7 +73,7 @@ def optimize_command(
 ) -> None:
     """Rewrite an ONNX graph with passes; each pass is checked numerically; prints a summary table."""
     from trtkit.errors import OptionError
-    from trtkit.optimizing import DEFAULT_ATOL, DEFAULT_PASSES, DEFAULT_RTOL, optimize
+    from trtkit.optimizing import DEFAULT_ATOL, DEFAULT_RTOL, default_passes, optimize
     from trtkit.ui import console, stdout
 
     if list_passes:
@@ -83,7 +83,7 @@ def optimize_command(
         raise OptionError("optimize needs MODEL and -o OUTPUT (or --list to see the passes)")
     if no_check and (rtol is not None or atol is not None or ranges):
         raise OptionError("--no-check contradicts --rtol/--atol/--range (they only set the check)")
-    selected: list[Any] = list(passes) if passes else list(DEFAULT_PASSES)
+    selected: list[Any] = list(passes) if passes else default_passes()
     options = parse_options(option)
     if threshold:
         if "remove-sigmoid" not in selected:
@@ -111,30 +111,26 @@ def optimize_command(
         console.print("* checked by the pass itself against its exact relation (outputs change by design)")
     for name, entry in sorted(result.thresholds.items()):
         stdout.print(f"threshold {name}: probability {entry['probability']:g} -> logit {entry['logit']:.6g}")
-    preprocess = result.artifact.metadata.get("preprocess")
-    if preprocess and any(r.name == "fuse-preprocess" for r in result.reports):
-        convs = ", ".join(f["conv"] for f in preprocess.get("folded_into", []))
-        console.print(f"fused preprocessing of input '{preprocess['input']}' into {convs}; the model now takes "
-                      f"raw input in {preprocess.get('raw_range')}")
     console.print(f"[green]wrote[/green] {output} ({data['nodes_before']} -> {data['nodes_after']} nodes)")
 
 
 def _list_passes(as_json: bool) -> None:
-    from trtkit.optimizing import DEFAULT_PASSES
+    from trtkit.optimizing import default_passes
     from trtkit.registry import get_registry
     from trtkit.ui import stdout
 
     passes = get_registry().stages["passes"]
+    defaults = default_passes()
     rows = [{
-        "name": name, "description": p.description, "default": name in DEFAULT_PASSES, "exact": p.exact,  # type: ignore[attr-defined]
+        "name": name, "description": p.description, "default": p.default, "exact": p.exact,  # type: ignore[attr-defined]
         "options": {k: {"type": o.type, "default": o.default, "help": o.help} for k, o in p.options.items()},
     } for name, p in sorted(passes.items())]
     if as_json:
-        typer.echo(json.dumps({"passes": rows, "default": DEFAULT_PASSES}, indent=2, sort_keys=True))
+        typer.echo(json.dumps({"passes": rows, "default": defaults}, indent=2, sort_keys=True))
         return
     from rich.table import Table
 
-    table = Table(title="graph passes (default: " + ", ".join(DEFAULT_PASSES) + ")")
+    table = Table(title="graph passes (default: " + ", ".join(defaults) + ")")
     for column in ("pass", "description", "options"):
         table.add_column(column)
     for row in rows:

@@ -46,9 +46,17 @@ def _fold_batchnorm(artifact: ModelArtifact) -> ModelArtifact:
 
 
 def _fuse_preprocess(artifact: ModelArtifact, **options: Any) -> ModelArtifact:
+    from trtkit.ui import console
+
     from .fuse_preprocess import fuse_preprocess
 
-    return fuse_preprocess(artifact, **options)
+    result = fuse_preprocess(artifact, **options)
+    info = result.metadata.get("preprocess")
+    if info is not None and info is not artifact.metadata.get("preprocess"):  # folded now, not in an earlier run
+        convs = ", ".join(f["conv"] for f in info.get("folded_into", []))
+        console.print(f"fused preprocessing of input '{info['input']}' into {convs}; the model now takes raw "
+                      f"input in {info.get('raw_range')}")
+    return result
 
 
 def _preprocess_difference(result: ModelArtifact) -> float | None:
