@@ -21,7 +21,7 @@ _LAZY = {
     "quantize": "trtkit.plugins.qdq.insert",  # the qdq builder's rewrite, in its plugin
     "build": "trtkit.building",
     "evaluate": "trtkit.evaluation",
-    "run_recipe": "trtkit.recipe",
+    "run_recipe": "trtkit.pipeline",
     "ModelArtifact": "trtkit.model",
     "load_model": "trtkit.model",
     # the PTQ passes as functions returning (new artefact, report); they live in the `ptq` plugin

@@ -1,4 +1,4 @@
-"""Export a trained model to ONNX through a registered exporter (built-in: `torch`).
+"""Export a trained model to ONNX through a registered exporter (by default the one marked `default=True`).
 
     import trtkit
     artifact = trtkit.export("trtkit.examples.digits:factory", "digits.onnx",
@@ -25,7 +25,7 @@ def export(
     source: Any,
     output: str | os.PathLike[str],
     *,
-    exporter: str = "torch",
+    exporter: str | None = None,
     input_shapes: Any = None,
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
@@ -40,6 +40,8 @@ def export(
 ) -> ModelArtifact:
     """Export `source` to `output` (written atomically) and return the checked ModelArtifact.
 
+    exporter: the exporter's name (None: the default exporter).
+
     input_shapes: one shape ([1, 3, 224, 224] or "1x3x224x224"), a list of them, or {name: shape}.
     dynamic_batch: axis 0 of every input and output becomes "batch"; dynamic_axes: torch-style mapping.
     method: the torch exporter to use ("auto", "dynamo" or "torchscript"; auto = dynamo when onnxscript is
@@ -50,7 +52,7 @@ def export(
     from .registry import get_registry
 
     registry = registry or get_registry()
-    component = registry.exporter(exporter)
+    component = registry.exporter(exporter if exporter is not None else registry.default("exporters").name)
     given: dict[str, Any] = dict(options or {})
     for key, value in extra.items():
         if key in given and given[key] != value:

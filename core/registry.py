@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, unknown_name
+from .errors import OptionError, PluginError, unknown_name
 from .stages import STAGES, Builder, Calibrator, Component, Evaluator, Exporter, GraphPass
 
 ENTRY_POINT_GROUP = "trtkit"
@@ -77,6 +77,14 @@ class Registry:
 
     def evaluator(self, name: str) -> Evaluator:
         return self.get("evaluators", name)  # type: ignore[return-value]
+
+    def default(self, stage: str) -> Component:
+        """The component of `stage` used when none is named: the first registered one marked `default=True`
+        (built-ins register first, so a third party cannot take the default from them)."""
+        for component in self.stages[stage].values():
+            if component.default:
+                return component
+        raise OptionError(f"no installed {_SINGULAR[stage]} is marked as the default one: name one")
 
     def owner(self, stage: str, name: str) -> str:
         return self.owners[(stage, name)]

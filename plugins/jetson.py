@@ -320,7 +320,8 @@ def _options() -> dict[str, Option]:
 @hookimpl
 def register_evaluators(register: Any) -> None:
     register(Evaluator(name="jetson", description="Speed benchmark with tegrastats power/load/temperature sampling"
-                       " and energy per inference (Jetson only)", options=_options(), evaluate=_evaluate))
+                       " and energy per inference (Jetson only)", options=_options(), evaluate=_evaluate,
+                       compares="all"))
 
 
 @hookimpl

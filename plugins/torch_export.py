@@ -347,6 +347,7 @@ EXPORTER = Exporter(
         "seed": Option("int", 0, "seed of the check input"),
     },
     export=_export,
+    default=True,  # the exporter used when none is named
 )
 
 

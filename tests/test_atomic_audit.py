@@ -17,9 +17,9 @@ SOURCES = sorted([*ROOT.glob("core/**/*.py"), *ROOT.glob("plugins/**/*.py")])
 ALLOWED: dict[tuple[str, str], str] = {
     ("core/fileio.py", "*"): "the atomic primitives themselves",
     ("core/model.py", "_externalized"): "writes the temporary data file handed out by fileio.atomic_paths",
-    ("core/pipeline.py", "_optimize"): "writes into the recipe step's staging folder (renamed whole by recipe.py)",
-    ("core/pipeline.py", "_evaluate"): "writes into the recipe step's staging folder (renamed whole by recipe.py)",
-    ("core/recipe.py", "run_recipe"): "writes step.json into the staging folder before os.replace(staging, folder)",
+    ("core/pipeline.py", "_optimize"): "writes into the recipe step's staging folder (renamed whole by steps.py)",
+    ("core/pipeline.py", "_evaluate"): "writes into the recipe step's staging folder (renamed whole by steps.py)",
+    ("core/steps.py", "run_steps"): "writes step.json into the staging folder before os.replace(staging, folder)",
     ("core/evaluation.py", "_png"): "savefig into an in-memory buffer",
 }
 SAFE_CONTEXTS = {"atomic_path", "atomic_paths", "atomic_open", "TemporaryDirectory", "mkdtemp"}

@@ -9,7 +9,9 @@ import pytest
 from conftest import run_cli
 
 from trtkit.errors import InputFileError, OptionError
-from trtkit.recipe import load_recipe, plan, starter_recipe
+from trtkit.pipeline import plan
+from trtkit.plugins.commands.init import starter_recipe
+from trtkit.recipe import load_recipe
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -46,7 +46,8 @@ def export_command(
                                                "when onnxscript is installed).")] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="State dict to load (torch.load "
                                                     "weights_only=True).")] = None,
-    exporter: Annotated[str, typer.Option("--with", help="Exporter plugin.")] = "torch",
+    exporter: Annotated[str | None, typer.Option("--with", help="Exporter plugin (default: the default "
+                                                 "exporter).")] = None,
     option: Annotated[list[str] | None, options_flag("Exporter")] = None,
     as_json: JsonFlag = False,
 ) -> None:

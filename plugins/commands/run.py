@@ -26,7 +26,9 @@ def run_command(
 ) -> None:
     """Run a recipe: export -> passes -> calibrate -> quantize -> build -> eval -> report, with caching."""
     from trtkit.errors import OptionError
-    from trtkit.recipe import gate_error, load_recipe, output_folder, plan, run_recipe
+    from trtkit.pipeline import gate_error, output_folder, plan, run_recipe
+    from trtkit.recipe import load_recipe
+    from trtkit.steps import is_cached
     from trtkit.ui import console
 
     if (recipe is None) == (example is None):
@@ -47,8 +49,7 @@ def run_command(
         loaded = load_recipe(recipe)
         out = output_folder(loaded, output)
         for step in plan(loaded):
-            cached = (out / "cache" / step.name.replace(":", "-") / step.key / "step.json").is_file()
-            typer.echo(f"{'cached' if cached else 'run   '}  {step.describe()}  [{step.key}]")
+            typer.echo(f"{'cached' if is_cached(out, step) else 'run   '}  {step.describe()}  [{step.key}]")
         return
     result = run_recipe(recipe, output=output, force=force,
                         log=lambda message: console.print(message, markup=False))

@@ -118,15 +118,15 @@ def register_evaluators(register: Any) -> None:
     register(Evaluator(
         name="accuracy",
         description="Compare a candidate with a reference: cosine, SQNR, errors, top-k, gates (exit 3 on fail)",
-        options=ACCURACY_OPTIONS, evaluate=_accuracy))
+        options=ACCURACY_OPTIONS, evaluate=_accuracy, report_section="accuracy"))
     register(Evaluator(
         name="speed",
         description="trtexec-style latency/throughput benchmark; several artefacts compared in one table",
-        options=SPEED_OPTIONS, evaluate=_speed))
+        options=SPEED_OPTIONS, evaluate=_speed, compares="all", report_section="speed"))
     register(Evaluator(
         name="layers",
         description="Per-layer INT8 error by ONNX node name, sensitivity, mixed-precision --exclude search",
-        options=LAYERS_OPTIONS, evaluate=_layers))
+        options=LAYERS_OPTIONS, evaluate=_layers, report_section="layers"))
     register(Evaluator(
         name="report",
         description="Self-contained HTML report + Markdown summary (accuracy, speed, layers, histograms)",
