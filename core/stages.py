@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from .errors import OptionError, close_matches
 
 if TYPE_CHECKING:
+    import os
     from pathlib import Path
 
     import onnx
@@ -239,11 +240,15 @@ class Evaluator(Component):
       built artefact, e.g. accuracy) or "all" (every built artefact at once, e.g. a speed table).
     report_section: the section of the run's report its data fills ("": none); a "pair" evaluator fills it
       with the list of its per-candidate data, an "all" evaluator with its one data.
+    write_report(path, context) -> (html_path, markdown_path)   (optional; for an evaluator that renders
+      reports: `trtkit.evaluation.write_report` and the recipe run use the first one that declares it)
     """
 
     evaluate: Callable[..., EvaluationResult] = field(default=lambda *a, **k: None, repr=False)
     compares: str = "pair"
     report_section: str = ""
+    write_report: Callable[[str | os.PathLike[str], Mapping[str, Any]], tuple[Path, Path]] | None = field(
+        default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.compares not in ("pair", "all"):

@@ -20,7 +20,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("core/pipeline.py", "_optimize"): "writes into the recipe step's staging folder (renamed whole by steps.py)",
     ("core/pipeline.py", "_evaluate"): "writes into the recipe step's staging folder (renamed whole by steps.py)",
     ("core/steps.py", "run_steps"): "writes step.json into the staging folder before os.replace(staging, folder)",
-    ("core/evaluation.py", "_png"): "savefig into an in-memory buffer",
+    ("plugins/evaluators/render.py", "_png"): "savefig into an in-memory buffer",
 }
 SAFE_CONTEXTS = {"atomic_path", "atomic_paths", "atomic_open", "TemporaryDirectory", "mkdtemp"}
 WRITE_METHODS = {"write_text", "write_bytes"}

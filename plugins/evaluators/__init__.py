@@ -7,6 +7,9 @@ Only the option schemas live here; the work is in the submodules, imported when 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from trtkit import hookimpl
@@ -113,6 +116,12 @@ def _report(models: list[str], **options: Any) -> EvaluationResult:
     return evaluate_report(models, **options)
 
 
+def _write_report(path: str | os.PathLike[str], context: Mapping[str, Any]) -> tuple[Path, Path]:
+    from .render import write_report
+
+    return write_report(path, context)
+
+
 @hookimpl
 def register_evaluators(register: Any) -> None:
     register(Evaluator(
@@ -130,4 +139,4 @@ def register_evaluators(register: Any) -> None:
     register(Evaluator(
         name="report",
         description="Self-contained HTML report + Markdown summary (accuracy, speed, layers, histograms)",
-        options=REPORT_OPTIONS, evaluate=_report))
+        options=REPORT_OPTIONS, evaluate=_report, write_report=_write_report))

@@ -1,4 +1,4 @@
-"""The `report` evaluator: measure a reference and its candidates and write `trtkit.evaluation.write_report`.
+"""The `report` evaluator: measure a reference and its candidates and write the report (render.py).
 
 models: [reference, candidates...]. Collects graph stats of every ONNX model, passes and calibration from the
 candidates' trtkit metadata (or the scales of their QuantizeLinear nodes), accuracy of every candidate, a
@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from trtkit.errors import InputFileError, OptionError
-from trtkit.evaluation import activation_histograms, graph_stats, is_qdq, qdq_scales, write_report
+from trtkit.evaluation import activation_histograms, graph_stats, is_qdq, qdq_scales
 from trtkit.model import ModelArtifact
 from trtkit.stages import EvaluationResult
+
+from .render import write_report
 
 
 def evaluate_report(models: list[str], data: str | None, num_samples: int, batch_size: int, seed: int,
