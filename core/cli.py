@@ -78,9 +78,12 @@ def build_app(registry: Registry) -> typer.Typer:
     # (the built-ins set pipeline order), then in loading order.
     impls = registry.pm.hook.register_commands.get_hookimpls()
     for impl in sorted(impls, key=lambda impl: getattr(impl.plugin, "HELP_ORDER", DEFAULT_HELP_ORDER)):
+        added = len(app.registered_commands), len(app.registered_groups)
         try:
             impl.function(cli=app)
-        except Exception as exc:  # a broken plugin's command must not take the CLI down
+        except Exception as exc:  # a broken plugin's command must not take the CLI down; none of it is kept
+            del app.registered_commands[added[0]:]
+            del app.registered_groups[added[1]:]
             print(f"warning: plugin '{impl.plugin_name}' commands skipped: {exc}", file=sys.stderr)
     return app
 

@@ -46,3 +46,35 @@ def test_start_up_imports_no_heavy_module():
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert "HEAVY []" in result.stderr, (args, result.stderr[-500:])
+
+
+def test_help_lists_the_built_in_commands_in_pipeline_order():
+    """Every command is a plugin; the built-ins' HELP_ORDER keeps `trtkit --help` in pipeline order."""
+    result = run_cli("--help")
+    listed = [line.split()[0] for line in result.stdout.split("Commands:", 1)[1].splitlines() if line.strip()]
+    pipeline = ["plugins", "export", "optimize", "calibrate", "quantize", "build", "inspect", "eval", "run", "init"]
+    assert [name for name in listed if name in pipeline] == pipeline, listed
+
+
+def test_a_broken_command_plugin_is_reported_and_skipped(capsys):
+    import typer
+
+    from trtkit.cli import build_app
+    from trtkit.hookspecs import hookimpl
+    from trtkit.registry import load_plugins
+
+    class BrokenCommands:
+        @staticmethod
+        def register_commands(cli):
+            @cli.command("half-added")
+            def half_added() -> None:
+                """Registered before the failure."""
+
+            raise RuntimeError("cannot add my second command")
+
+    BrokenCommands.register_commands = hookimpl(BrokenCommands.register_commands)
+    command = typer.main.get_command(build_app(load_plugins(extra_modules=[BrokenCommands])))
+    stderr = capsys.readouterr().err
+    assert "warning: plugin 'BrokenCommands' commands skipped: cannot add my second command" in stderr
+    listed = set(command.commands)  # type: ignore[attr-defined]
+    assert {"plugins", "export", "calibrate", "build", "eval", "run"} <= listed and "half-added" not in listed
