@@ -41,7 +41,7 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
 
 # Data: the samples a command runs the model on.
 DataFlag = Annotated[str | None, typer.Option("--data", "-d", help="Samples: .npy, .npz or a folder of images.")]
-BatchSizeFlag = Annotated[int, typer.Option("--batch-size", "-b", help="Samples per onnxruntime run.")]
+BatchSizeFlag = Annotated[int, typer.Option("--batch-size", "-b", help="Samples per run of the model.")]
 NumSamplesFlag = Annotated[int | None, typer.Option("--num-samples", "-n", help="Use at most this many samples.")]
 PreprocessFlag = Annotated[list[str] | None, typer.Option(
     "--preprocess", "-P", help="Image preprocessing KEY=VALUE: resize, crop, scale, mean, std, channels, layout."
