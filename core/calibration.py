@@ -39,12 +39,12 @@ if TYPE_CHECKING:
 FINE_BINS = 8192          # internal histogram resolution (power of two)
 HISTOGRAM_BINS = 2048     # default bins of TensorStats.histogram over [0, observed |x| max]
 CHUNK = 1 << 20           # elements binned at a time
-# Histogram positions per sample per tensor (see collect(per_item=...)). Binning costs ~5 ns a value in numpy
+# Histogram positions per sample per tensor (see collect(histogram_positions=...)). Binning costs ~5 ns a value in numpy
 # and holds the GIL, more than the convolutions that produce the values on depthwise nets; 4096 evenly spread
 # positions of every sample change SQNR by < 0.3 dB on the benchmark models while min/max stay exact.
 # Calibrators declaring statistics="exact-histogram" get every value: a KL divergence depends on how many values
 # fill the tail bins (sampling moved TensorRT's KL threshold by 12 % on a test model).
-DEFAULT_PER_ITEM = 4096
+DEFAULT_HISTOGRAM_POSITIONS = 4096
 RUN_BYTES = 4 << 20       # observed activations per onnxruntime run (dynamic-batch models run in slices)
 TINY_AMAX = 1e-8          # used for tensors that are identically zero (scales must be > 0)
 
@@ -85,11 +85,11 @@ class TensorStats:
         self.hist = merged
         self.range = new_range
 
-    def update(self, values: np.ndarray, histogram: bool = True, per_item: int | None = None) -> None:
+    def update(self, values: np.ndarray, histogram: bool = True, histogram_positions: int | None = None) -> None:
         """Add a batch of values (first axis = samples). Non-finite values are counted and left out.
 
         histogram=False keeps only min/max/count (statistics="range"; the histogram is then empty).
-        per_item: histogram at most about this many positions of each sample (the same positions in every
+        histogram_positions: histogram at most about this many positions of each sample (the same positions in every
         sample, a prime stride apart, whatever the batching); min, max and count always see every value.
         """
         x = np.asarray(values)
@@ -115,8 +115,8 @@ class TensorStats:
             return
         sample = flat
         positions = flat.size // items
-        if per_item is not None and positions > per_item:
-            stride = _prime_at_least(-(-positions // per_item))
+        if histogram_positions is not None and positions > histogram_positions:
+            stride = _prime_at_least(-(-positions // histogram_positions))
             sample = flat.reshape(items, positions)[:, ::stride].reshape(-1)
             if finite_mask is not None:
                 finite_mask = finite_mask.reshape(items, positions)[:, ::stride].reshape(-1)
@@ -300,9 +300,11 @@ class Statistics:
     def compute(self, method: str | Calibrator | None = None, overrides: Any = None,
                 options: Mapping[str, Any] | None = None) -> Scales:
         """Scales from these statistics with the calibrator plugin `method` (None: the default calibrator);
-        `overrides` pin chosen tensors."""
+        `overrides` pin chosen tensors. CalibrationSettings.scales does this with settings resolved once."""
         calibrator = find_calibrator(method)
-        resolved = calibrator.resolve_options(options)
+        return self._scales(calibrator, calibrator.resolve_options(options), overrides)
+
+    def _scales(self, calibrator: Calibrator, resolved: Mapping[str, Any], overrides: Any) -> Scales:
         method = calibrator.name
         if not self.histograms and calibrator.statistics != "range":
             raise OptionError(f"calibrator '{method}' needs histograms; these statistics were collected without")
@@ -340,13 +342,13 @@ def collect(
     threads: int | None = None,
     progress: bool = True,
     histograms: bool = True,
-    per_item: int | None = DEFAULT_PER_ITEM,
+    histogram_positions: int | None = DEFAULT_HISTOGRAM_POSITIONS,
 ) -> Statistics:
     """Run the model over the data once (onnxruntime, FP32) and reduce every observed tensor's values.
 
     threads: onnxruntime intra-op threads (default: all cores but one, which reduces the previous run).
     histograms=False collects min/max only (all a statistics="range" calibrator needs; several times cheaper).
-    per_item: histograms see at most about this many positions of each sample of each tensor (the same
+    histogram_positions: histograms see at most about this many positions of each sample of each tensor (the same
     positions in every sample, evenly spread, so results still do not depend on batching); None = every value.
     min/max are always exact. Histogramming every value is exact but can cost more than the inference itself.
     """
@@ -375,10 +377,10 @@ def collect(
 
     def reduce(feeds: dict[str, np.ndarray], results: list[np.ndarray]) -> None:
         for name in observed_inputs:
-            stats[name].update(feeds[name], histograms, per_item)
+            stats[name].update(feeds[name], histograms, histogram_positions)
         for name, value in zip(fetch, results, strict=True):
             if isinstance(value, np.ndarray) and value.dtype.kind == "f":
-                stats[name].update(value, histograms, per_item)
+                stats[name].update(value, histograms, histogram_positions)
 
     batches: Iterator[dict[str, np.ndarray]] = source.batches()
     if progress:
@@ -422,7 +424,7 @@ def collect(
             raise DataError(f"tensor '{name}' produced {item.nonfinite} NaN/Inf value(s) on the calibration data")
     model_info = {"sha256": model_fingerprint(onnx_model), "name": artifact.source.name if artifact.source else None}
     data_info = {"sha256": fingerprint.hexdigest(), "samples": fingerprint.num_samples, "source": source.description,
-                 "histogram_positions_per_sample": per_item}
+                 "histogram_positions_per_sample": histogram_positions}  # key kept: scales bytes are pinned
     return Statistics(stats, fingerprint.num_samples, model_info, data_info, tensor_names(onnx_model), histograms)
 
 
@@ -506,7 +508,7 @@ def calibrate(
     threads: int | None = None,
     progress: bool = True,
     output: str | os.PathLike[str] | None = None,
-    per_item: int | None | str = "auto",
+    histogram_positions: int | None | str = "auto",
 ) -> Scales:
     """Collect statistics over `data` and compute per-tensor ranges with `method` (a calibrator plugin; None:
     the default calibrator).
@@ -514,26 +516,105 @@ def calibrate(
     model: path, ModelArtifact or ModelProto (FP32). data: anything `trtkit.data.load_data` accepts.
     overrides: tensor -> amax mapping, or a JSON/YAML file of tensor -> amax / {"amax"| "scale": v}, or a
     TensorRT calibration cache; pinned tensors keep these values. output: also save the scales JSON there.
-    per_item: histogram positions per sample per tensor (None: every value; min/max are always exact);
-    "auto": every value for calibrators declaring statistics="exact-histogram", else DEFAULT_PER_ITEM.
+    histogram_positions: per sample per tensor (None: every value; min/max are always exact); "auto": every
+    value for calibrators declaring statistics="exact-histogram", else DEFAULT_HISTOGRAM_POSITIONS.
     """
-    calibrator = find_calibrator(method)  # unknown names fail before any work
-    if overrides is not None and not isinstance(overrides, Mapping):
-        read_scales_file(overrides)  # bad files fail before any work
-    stats = collect(model, data, tensors=tensors, batch_size=batch_size, limit=limit, preprocess=preprocess,
-                    threads=threads, progress=progress, histograms=calibrator.statistics != "range",
-                    per_item=histogram_positions(calibrator, per_item))
-    scales = stats.compute(calibrator, overrides=overrides, options=options)
-    if output is not None:
-        scales.save(output)
-    return scales
+    settings = CalibrationSettings.create(
+        method=method, options=options, histogram_positions=histogram_positions, tensors=tensors,
+        batch_size=batch_size, limit=limit, preprocess=preprocess, overrides=overrides)
+    return settings.calibrate(model, data, threads=threads, progress=progress, output=output)
 
 
-def histogram_positions(method: str | Calibrator | None, per_item: int | None | str = "auto") -> int | None:
-    """Histogram positions per sample for `method`: "auto" -> None (every value) for calibrators declaring
-    statistics="exact-histogram", else DEFAULT_PER_ITEM; an int must be >= 1 (None: every value)."""
-    if per_item == "auto":
-        return None if find_calibrator(method).statistics == "exact-histogram" else DEFAULT_PER_ITEM
-    if per_item is not None and (isinstance(per_item, (bool, str)) or not isinstance(per_item, int) or per_item < 1):
-        raise OptionError(f"histogram positions must be an integer >= 1 or None (every value), got {per_item!r}")
-    return per_item
+# ---- settings: built once from API arguments, CLI flags or a recipe section ----------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationSettings:
+    """How to calibrate, resolved and validated once: the calibrator object with its resolved options, what
+    to collect and from how much data, the tensors pinned by custom scales.
+
+    Build it with `create` (Python API conventions), `from_flags` (the CLI's) or `from_recipe` (a recipe's
+    [calibration] section); errors name the knob as the user wrote it.
+    """
+
+    calibrator: Calibrator
+    options: Mapping[str, Any]               # the calibrator's options, defaults filled
+    histogram_positions: int | None          # per sample per tensor; None: every value
+    tensors: str | tuple[str, ...] = "quantizable"
+    batch_size: int = 32
+    limit: int | None = None
+    preprocess: Mapping[str, Any] | None = None
+    overrides: Any = None                    # custom scales (a mapping, or a file already checked readable)
+
+    @property
+    def histograms(self) -> bool:
+        """Whether the calibrator needs histograms (statistics other than "range")."""
+        return self.calibrator.statistics != "range"
+
+    @classmethod
+    def create(cls, *, method: str | Calibrator | None = None, options: Mapping[str, Any] | None = None,
+               histogram_positions: int | None | str = "auto", tensors: str | Iterable[str] = "quantizable",
+               batch_size: int = 32, limit: int | None = None, preprocess: Mapping[str, Any] | None = None,
+               overrides: Any = None, knob: str = "histogram positions", zero_is_every_value: bool = False,
+               where: str | None = None) -> CalibrationSettings:
+        """Resolve and validate. method: a calibrator name, object or None (the default calibrator).
+        histogram_positions: "auto", None (every value) or an int >= 1; front ends that cannot say None (a CLI
+        flag, a recipe key) pass zero_is_every_value=True. knob: how errors name the histogram knob; where:
+        what errors about the calibrator's options start with (e.g. the recipe section)."""
+        calibrator = find_calibrator(method)  # unknown names fail before any work
+        resolved = calibrator.resolve_options(options, where=f"{where} method '{calibrator.name}'" if where else None)
+        positions = _resolve_positions(histogram_positions, calibrator, knob, zero_is_every_value)
+        if overrides is not None and not isinstance(overrides, Mapping):
+            read_scales_file(overrides)  # bad files fail before any work
+        return cls(calibrator=calibrator, options=resolved, histogram_positions=positions,
+                   tensors=tensors if isinstance(tensors, str) else tuple(tensors), batch_size=batch_size,
+                   limit=limit, preprocess=preprocess, overrides=overrides)
+
+    @classmethod
+    def from_flags(cls, *, method: str | None, options: Mapping[str, Any] | None, histogram_positions: int | None,
+                   **rest: Any) -> CalibrationSettings:
+        """From `trtkit calibrate` flags: --histogram-positions None is "auto", 0 is every value."""
+        return cls.create(method=method, options=options,
+                          histogram_positions="auto" if histogram_positions is None else histogram_positions,
+                          knob="--histogram-positions", zero_is_every_value=True, **rest)
+
+    @classmethod
+    def from_recipe(cls, section: Mapping[str, Any], where: str) -> CalibrationSettings:
+        """From a recipe's [calibration] section (`where` names it, e.g. "recipe.toml [calibration]"); its
+        histogram_positions follows the CLI flag (0: every value)."""
+        positions = section.get("histogram_positions")
+        given = {key: section[key] for key in ("batch_size", "limit") if section.get(key) is not None}
+        return cls.create(method=section.get("method"), options=section.get("options") or {},
+                          histogram_positions="auto" if positions is None else positions,
+                          overrides=section.get("overrides"), knob=f"{where} histogram_positions",
+                          zero_is_every_value=True, where=where, **given)
+
+    def collect(self, model: Any, data: Any, threads: int | None = None, progress: bool = True) -> Statistics:
+        """One pass over `data` gathering what the calibrator needs (see `collect`)."""
+        return collect(model, data, tensors=self.tensors, batch_size=self.batch_size, limit=self.limit,
+                       preprocess=self.preprocess, threads=threads, progress=progress, histograms=self.histograms,
+                       histogram_positions=self.histogram_positions)
+
+    def scales(self, stats: Statistics) -> Scales:
+        """Scales from `stats` with this calibrator, its options and the overrides."""
+        return stats._scales(self.calibrator, self.options, self.overrides)
+
+    def calibrate(self, model: Any, data: Any, threads: int | None = None, progress: bool = True,
+                  output: str | os.PathLike[str] | None = None) -> Scales:
+        """collect + scales; also saves the scales JSON to `output` when given."""
+        scales = self.scales(self.collect(model, data, threads=threads, progress=progress))
+        if output is not None:
+            scales.save(output)
+        return scales
+
+
+def _resolve_positions(value: Any, calibrator: Calibrator, knob: str, zero_is_every_value: bool) -> int | None:
+    """Histogram positions per sample: "auto" -> None (every value) when the calibrator declares
+    statistics="exact-histogram", else DEFAULT_HISTOGRAM_POSITIONS; None: every value; else an int >= 1."""
+    if isinstance(value, str) and value == "auto":
+        return None if calibrator.statistics == "exact-histogram" else DEFAULT_HISTOGRAM_POSITIONS
+    if value is None or (zero_is_every_value and value == 0 and not isinstance(value, bool)):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        rule = ">= 0 (0: every value)" if zero_is_every_value else "an integer >= 1 or None (every value)"
+        raise OptionError(f"{knob} must be {rule}, got {value!r}")
+    return value

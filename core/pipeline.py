@@ -9,33 +9,39 @@ follows only. `trtkit.recipe` loads and checks the recipe.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import GateError, OptionError, TrtkitError, close_matches
 from .recipe import Recipe, load_recipe
 from .steps import Step, StepResult, assign_keys, run_steps
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationSettings
 
 # recipe [gates] key -> the evaluator option it sets, on every evaluator that has all of these options.
 GATE_OPTIONS = {"max_accuracy_drop": "max_top1_drop", "min_top1_agreement": "min_agreement",
                 "min_sqnr_db": "min_sqnr"}
 
 
-def check_components(recipe: Recipe) -> None:
-    """Every plugin name and its options, checked before any work starts; errors name the recipe."""
+def check_components(recipe: Recipe) -> CalibrationSettings | None:
+    """Every plugin name and its options, checked before any work starts; errors name the recipe.
+    Returns the calibration settings (None without a [calibration] section)."""
     try:
-        _check_components(recipe)
+        return _check_components(recipe)
     except OptionError as exc:
         message = str(exc)
         raise OptionError(message if message.startswith(str(recipe.path)) else f"{recipe.path}: {message}") from None
 
 
-def _check_components(recipe: Recipe) -> None:
+def _check_components(recipe: Recipe) -> CalibrationSettings | None:
+    from .calibration import CalibrationSettings
     from .optimizing import parse_pass_specs
     from .registry import get_registry
 
@@ -47,16 +53,7 @@ def _check_components(recipe: Recipe) -> None:
     if passes:
         parse_pass_specs([(item["name"], item.get("options", {})) for item in passes])
     calibration = recipe.section("calibration")
-    if calibration:
-        from .calibration import find_calibrator
-
-        method = find_calibrator(calibration.get("method")).name
-        registry.calibrator(method).resolve_options(calibration.get("options", {}),
-                                                    where=f"{recipe.path} [calibration] method '{method}'")
-        positions = calibration.get("histogram_positions")
-        if positions is not None and positions < 0:
-            raise OptionError(f"{recipe.path} [calibration] histogram_positions must be >= 0 (0: every value), "
-                              f"got {positions}")
+    settings = CalibrationSettings.from_recipe(calibration, f"{recipe.path} [calibration]") if calibration else None
     for item in recipe.section("builders"):
         registry.builder(item["name"]).resolve_options(item.get("options", {}),
                                                        where=f"{recipe.path} [[builders]] '{item['name']}'")
@@ -66,6 +63,7 @@ def _check_components(recipe: Recipe) -> None:
             if key not in evaluator.options:
                 raise OptionError(f"{recipe.path} [[evaluators]] '{item['name']}': no option '{key}'"
                                   f"{close_matches(key, evaluator.options)}")
+    return settings
 
 
 def plan(recipe: Recipe) -> list[Step]:
@@ -77,7 +75,7 @@ def steps_for(recipe: Recipe) -> list[Step]:
     from .optimizing import DEFAULT_PASSES
     from .registry import get_registry
 
-    check_components(recipe)
+    settings = check_components(recipe)
     registry = get_registry()
     steps: list[Step] = []
     model = recipe.section("model")
@@ -96,7 +94,7 @@ def steps_for(recipe: Recipe) -> list[Step]:
     quantize = recipe.section("quantize")
     calibration = recipe.section("calibration")
     int8 = bool(calibration) and quantize.get("enabled", True)
-    if int8:
+    if int8 and settings is not None:
         data = calibration.get("data")
         if data is None:
             raise TrtkitError(f"{recipe.path} [calibration]: missing key 'data'")
@@ -104,12 +102,10 @@ def steps_for(recipe: Recipe) -> list[Step]:
         config = {key: calibration.get(key) for key in ("method", "options", "batch_size", "limit", "cache",
                                                             "trt_version", "histogram_positions")}
         config.update(data=data, overrides=overrides)
-        if not config["method"]:
-            from .calibration import default_calibrator
-
-            config["method"] = default_calibrator().name
+        config["method"] = settings.calibrator.name
         steps.append(Step("calibrate", config, needs=["optimize"],
-                          files=[Path(data)] + ([Path(overrides)] if overrides else []), action=_calibrate))
+                          files=[Path(data)] + ([Path(overrides)] if overrides else []),
+                          action=functools.partial(_calibrate, settings)))
         qconfig = {key: quantize.get(key) for key in ("exclude", "exclude_op_types", "per_channel", "reduce_range")}
         steps.append(Step("quantize", qconfig, needs=["optimize", "calibrate"], action=_quantize))
 
@@ -175,18 +171,10 @@ def _optimize(step: Step, results: dict[str, StepResult], folder: Path) -> dict[
     return {"model": "model.onnx", "report": "optimize.json", "thresholds": result.thresholds}
 
 
-def _calibrate(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str, Any]:
-    from .calibration import calibrate
-
-    config = step.config
-    kwargs: dict[str, Any] = {"method": config["method"], "options": config.get("options") or {},
-                              "overrides": config.get("overrides")}
-    for key in ("batch_size", "limit"):
-        if config.get(key) is not None:
-            kwargs[key] = config[key]
-    if config.get("histogram_positions") is not None:
-        kwargs["per_item"] = config["histogram_positions"] or None  # 0: every value (default: "auto")
-    scales = calibrate(results["optimize"].path("model"), config["data"], output=folder / "scales.json", **kwargs)
+def _calibrate(settings: CalibrationSettings, step: Step, results: dict[str, StepResult], folder: Path
+               ) -> dict[str, Any]:
+    config = step.config  # the settings were built from the same [calibration] keys (check_components)
+    scales = settings.calibrate(results["optimize"].path("model"), config["data"], output=folder / "scales.json")
     outputs: dict[str, Any] = {"scales": "scales.json", "tensors": len(scales)}
     if config.get("cache"):
         from .trtcache import DEFAULT_TRT_VERSION, write_cache

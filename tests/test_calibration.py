@@ -197,7 +197,7 @@ def test_runs_in_slices_of_a_memory_budget_give_the_same_statistics(small, monke
 
 
 def test_default_histogram_sampling_is_invariant_and_close_to_exact(tmp_path):
-    """Histograms see at most DEFAULT_PER_ITEM positions per sample (min/max exact): independent of batching,
+    """Histograms see at most DEFAULT_HISTOGRAM_POSITIONS positions per sample (min/max exact): independent of batching,
     and percentile/mse stay within a few percent of the every-value result. Entropy, whose divergence depends
     on the counts in the tail bins, histograms every value by default."""
     from qdq_models import _Net
@@ -209,7 +209,7 @@ def test_default_histogram_sampling_is_invariant_and_close_to_exact(tmp_path):
     np.save(tmp_path / "d.npy", data)
     a = collect(tmp_path / "m.onnx", data, batch_size=5, progress=False)
     b = collect(tmp_path / "m.onnx", data[::-1].copy(), batch_size=24, progress=False)
-    exact = collect(tmp_path / "m.onnx", data, batch_size=24, progress=False, per_item=None)
+    exact = collect(tmp_path / "m.onnx", data, batch_size=24, progress=False, histogram_positions=None)
     _same_statistics(a.tensors, b.tensors)
     big = max(exact.tensors, key=lambda n: exact.tensors[n].count)
     assert a.tensors[big].hist.sum() < exact.tensors[big].hist.sum() / 2  # sampling did happen
@@ -222,7 +222,7 @@ def test_default_histogram_sampling_is_invariant_and_close_to_exact(tmp_path):
     assert dict(calibrate(tmp_path / "m.onnx", data, method="entropy", progress=False)) == dict(exact.compute("entropy"))
     assert dict(calibrate(tmp_path / "m.onnx", data, progress=False)) == dict(a.compute("percentile"))
     with pytest.raises(OptionError, match="histogram positions"):
-        calibrate(tmp_path / "m.onnx", data, per_item=0, progress=False)
+        calibrate(tmp_path / "m.onnx", data, histogram_positions=0, progress=False)
     bad = run_cli("calibrate", str(tmp_path / "m.onnx"), "-d", str(tmp_path / "d.npy"), "--histogram-positions", "-3",
                   "-o", str(tmp_path / "s.json"))
     assert bad.returncode == 2 and "--histogram-positions" in bad.stderr and not (tmp_path / "s.json").exists()
@@ -312,9 +312,9 @@ def test_histogram_subsampling_is_batching_invariant():
     exact = TensorStats("e")
     exact.update(data)
     sampled = [TensorStats("s"), TensorStats("t")]
-    sampled[0].update(data, per_item=512)
+    sampled[0].update(data, histogram_positions=512)
     for start in range(0, 24, 5):
-        sampled[1].update(data[start:start + 5][::-1], per_item=512)
+        sampled[1].update(data[start:start + 5][::-1], histogram_positions=512)
     np.testing.assert_array_equal(sampled[0].hist, sampled[1].hist)
     assert sampled[0].hist.sum() < exact.hist.sum() / 7  # 4096 positions per sample -> stride 11
     assert (sampled[0].min, sampled[0].max, sampled[0].count) == (exact.min, exact.max, exact.count)

@@ -27,20 +27,11 @@ from trtkit.cli_args import (
 HELP_ORDER = 30
 
 
-def _positions(method: str, value: int | None) -> int | None:
-    from trtkit.calibration import histogram_positions
-    from trtkit.errors import OptionError
-
-    if value is not None and value < 0:
-        raise OptionError(f"--histogram-positions must be >= 0 (0: every value), got {value}")
-    return histogram_positions(method, "auto" if value is None else value or None)
-
-
 def calibrate_command(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
     data: DataFlag,
     output: Annotated[Path, output_flag("Scales JSON to write (default: scales.json).")] = Path("scales.json"),
-    method: Annotated[str, typer.Option("--method", "-m", help="Calibrator: percentile (99.99), entropy (TensorRT's EntropyCalibrator2), minmax, mse, ...")] = "percentile",
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Calibrator: percentile (99.99; the default), entropy (TensorRT's EntropyCalibrator2), minmax, mse, ...")] = None,
     option: Annotated[list[str] | None, options_flag("Calibrator")] = None,
     override: Annotated[Path | None, typer.Option("--override", help="Custom scales (JSON/YAML tensor -> amax, or a TensorRT cache) pinning chosen tensors.")] = None,
     cache: Annotated[Path | None, typer.Option("--cache", help="Also write a TensorRT calibration cache here.")] = None,
@@ -49,31 +40,26 @@ def calibrate_command(
     batch_size: BatchSizeFlag = 32,
     num_samples: NumSamplesFlag = None,
     preprocess: PreprocessFlag = None,
-    per_sample: Annotated[int | None, typer.Option("--histogram-positions", help="Histogram at most this many evenly spread positions of each sample of each tensor (min/max stay exact); 0: every value. Default: 4096, every value for entropy.")] = None,
+    histogram_positions: Annotated[int | None, typer.Option("--histogram-positions", help="Histogram at most this many evenly spread positions of each sample of each tensor (min/max stay exact); 0: every value. Default: 4096, every value for entropy.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Run the model over calibration data once and write per-tensor ranges (amax, scale = amax/127)."""
-    from trtkit.calibration import collect
+    from trtkit.calibration import CalibrationSettings
     from trtkit.fileio import check_output_path
-    from trtkit.registry import get_registry
     from trtkit.trtcache import version_number, write_cache
     from trtkit.ui import console
 
-    calibrator = get_registry().calibrator(method)
-    options = calibrator.resolve_options(parse_options(option))
+    settings = CalibrationSettings.from_flags(  # every flag checked here, before any work
+        method=method, options=parse_options(option), histogram_positions=histogram_positions,
+        tensors=tensors or ("all" if cache is not None else "quantizable"), batch_size=batch_size,
+        limit=num_samples, preprocess=parse_preprocess(preprocess), overrides=override)
+    method = settings.calibrator.name
     if cache is not None:
         version_number(trt_version)  # a bad version fails before any work
-    if override is not None:
-        from trtkit.scales import read_scales_file
-
-        read_scales_file(override)
     check_output_path(output, model)
-    which = tensors or ("all" if cache is not None else "quantizable")
     assert data is not None  # typer: a required option
-    stats = collect(model, data, tensors=which, batch_size=batch_size, limit=num_samples,
-                    preprocess=parse_preprocess(preprocess),
-                    histograms=method != "minmax", per_item=_positions(method, per_sample))
-    scales = stats.compute(method, overrides=override, options=options)
+    stats = settings.collect(model, data)
+    scales = settings.scales(stats)
     scales.save(output)
     if cache is not None:
         check_output_path(cache, model)

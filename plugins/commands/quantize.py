@@ -22,7 +22,7 @@ def quantize_command(
     scales: Annotated[Path | None, typer.Option("--scales", "-s", help="Scales JSON (from `trtkit calibrate`), YAML or TensorRT cache.")] = None,
     output: Annotated[Path | None, output_flag("QDQ ONNX model to write (default: MODEL.int8.onnx).")] = None,
     data: DataFlag = None,
-    method: Annotated[str, typer.Option("--method", "-m", help="Calibrator when --data is given.")] = "percentile",
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Calibrator when --data is given (default: percentile).")] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", "-x", help="Node name to keep in float (repeatable).")] = None,
     exclude_op_type: Annotated[list[str] | None, typer.Option("--exclude-op-type", help="Op type to keep in float (repeatable).")] = None,
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One scale per weight tensor instead of per channel.")] = False,
