@@ -197,26 +197,19 @@ def _prime_at_least(n: int) -> int:
     return candidate
 
 
-# ---- components: the default calibrator, the builder that takes scales --------------------------------------
-
-def default_calibrator() -> Calibrator:
-    """The calibrator used when none is named: the first registered one marked `default=True`."""
-    from .registry import get_registry
-
-    for component in get_registry().stages["calibrators"].values():
-        if isinstance(component, Calibrator) and component.default:
-            return component
-    raise OptionError("no installed calibrator is marked as the default one: name a calibrator (--method)")
-
+# ---- components: the calibrator, the builder that takes scales --------------------------------------
 
 def find_calibrator(method: str | Calibrator | None) -> Calibrator:
-    """A Calibrator as is, the registered calibrator of that name (UnknownNameError with close matches), or the
-    default calibrator for None."""
+    """A Calibrator as is, the registered calibrator of that name (UnknownNameError with close matches), or for
+    None the default one (the first registered calibrator marked `default=True`)."""
     from .registry import get_registry
 
     if isinstance(method, Calibrator):
         return method
-    return default_calibrator() if method is None else get_registry().calibrator(method)
+    registry = get_registry()
+    if method is not None:
+        return registry.calibrator(method)
+    return registry.default("calibrators")  # type: ignore[return-value]  # the calibrators stage holds Calibrators
 
 
 def scales_builder() -> Builder:
