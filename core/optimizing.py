@@ -28,6 +28,7 @@ from .errors import NumericalCheckError, OptionError, TrtkitError, first_line
 
 if TYPE_CHECKING:
     import numpy as np
+    import onnx
 
     from .model import ModelArtifact
     from .registry import Registry
@@ -186,7 +187,7 @@ def parse_pass_specs(passes: Sequence[PassSpec] | None, options: Mapping[str, An
 
 
 def optimize(
-    model: str | os.PathLike[str] | ModelArtifact,
+    model: str | os.PathLike[str] | ModelArtifact | onnx.ModelProto,
     passes: Sequence[PassSpec] | None = None,
     output: str | os.PathLike[str] | None = None,
     check: bool = True,
@@ -203,7 +204,7 @@ def optimize(
 ) -> OptimizeResult:
     """Apply `passes` (default: the default passes) in order; check each; optionally write `output` atomically.
 
-    model: a path or a ModelArtifact (never modified).
+    model: a path, ModelArtifact or ModelProto (never modified).
     passes: names, (name, options) pairs or {"name": ..., "options": {...}} tables; `options` adds `-O`-style
     settings (see parse_pass_specs).
     check: numerical check after every pass (random inputs in `ranges`, default [-1, 1]; symbolic dims from
@@ -211,14 +212,14 @@ def optimize(
     """
     from .fileio import check_output_path
     from .graph import op_counts
-    from .model import ModelArtifact
+    from .model import ModelArtifact, as_artifact
 
     if rtol < 0 or atol < 0:
         raise OptionError("tolerances must be >= 0")
     for name, bounds in (ranges or {}).items():
         if len(bounds) != 2 or not float(bounds[0]) <= float(bounds[1]):
             raise OptionError(f"range for input '{name}' must be LOW,HIGH with LOW <= HIGH, got {bounds!r}")
-    source = model if isinstance(model, ModelArtifact) else ModelArtifact.load(model)
+    source = as_artifact(model, "model")
     if output is not None:
         check_output_path(output, source.source)
     selected = parse_pass_specs(passes, options, registry)
