@@ -4,8 +4,8 @@
     scales = as_scales(value)                # a Scales, a mapping tensor -> amax, or a file path
     scales.save("scales.json")
 
-This module sits below calibration (which writes scales), the QDQ builder (which reads them) and the TensorRT
-cache writer (trtkit.trtcache), so none of them imports another for scales. It imports only the standard
+This module sits below calibration (which writes scales), the builder that inserts Q/DQ (which reads them)
+and the TensorRT cache writer (trtkit.trtcache), so none of them imports another for scales. It imports only the standard
 library (YAML is read with PyYAML, loaded on use).
 """
 
@@ -149,7 +149,8 @@ def as_scales(value: Any) -> Scales:
 def model_fingerprint(model: onnx.ModelProto) -> str:
     """SHA-256 of the graph (nodes, initializers or their external references), ignoring trtkit metadata.
 
-    Calibration records it in `scales.model["sha256"]`; the QDQ builder warns when its model's differs."""
+    Calibration records it in `scales.model["sha256"]`; the builder reading the scales warns when its model's
+    differs."""
     return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
 
 
