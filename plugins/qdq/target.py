@@ -1,0 +1,328 @@
+"""Quantization that checks itself: adaptive weight rounding by default, float fallback until a target holds.
+
+    trtkit quantize MODEL --data D                      # calibrate, insert Q/DQ, adaptive rounding
+    trtkit quantize MODEL --data D --target "sqnr>=20"  # ... then keep the fewest layers in float for 20 dB
+
+The data is split: the first part (up to `round_samples`) feeds adaptive rounding, the rest (at least
+`min_check_samples`, up to `check_samples`) is held out to measure the result against the FP32 model with Q/DQ
+emulated in float (what TensorRT computes). Each decision is measured on the held-out part and recorded
+(what, why, the metric before and after) in the artefact's metadata["quantization"]["decisions"]:
+
+1. adaptive rounding of every int8 weight (plugins/ptq/adaptive_round.py), kept only if it measures better;
+2. if a target is given and not met: the sensitivity of each activation quantizer (the metric with that one
+   Q/DQ pair removed, everything else quantized), then the most sensitive layers go to float one at a time,
+   measured each time, until the target holds or `max_float` layers are float;
+3. the chosen layers are excluded from quantization and the model is quantized and rounded again (the final
+   numbers are measured on that model). A target that still fails names the layer that blocks it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from trtkit.errors import OptionError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from trtkit.metrics import TaskMetric
+    from trtkit.model import ModelArtifact
+
+BUILTIN_METRICS = {"sqnr": ">=", "cosine": ">=", "agreement": ">="}  # higher is better
+_SPEC = re.compile(r"^\s*(?:(?P<output>[^:<>=]+):)?\s*(?P<metric>[a-z_0-9]+)\s*(?P<op>>=|<=)\s*(?P<value>[-+0-9.eE]+)\s*$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """`[OUTPUT:]METRIC>=VALUE` (or `<=` for error metrics such as box_mae)."""
+
+    metric: str
+    op: str
+    value: float
+    output: str | None = None
+    text: str = ""
+
+    def met(self, measured: float) -> bool:
+        return measured >= self.value if self.op == ">=" else measured <= self.value
+
+    def better(self, a: float, b: float) -> bool:
+        """a is strictly better than b."""
+        return a > b if self.op == ">=" else a < b
+
+
+def parse_target(spec: str, outputs: Sequence[str], task_metrics: Sequence[TaskMetric] = ()) -> Target:
+    """Parse --target. Metrics: sqnr (dB, the worst output unless OUTPUT: is given), cosine, agreement (top-1
+    agreement, 0..1) and the task metrics of `--task-metric` specs (positive_iou, box_mae, map_iou, ...)."""
+    from trtkit.errors import close_matches
+    from trtkit.metrics import TASK_GATES
+
+    match = _SPEC.match(spec or "")
+    if not match:
+        raise OptionError(f"--target: expected [OUTPUT:]METRIC>=VALUE (e.g. 'sqnr>=20'), got {spec!r}")
+    metric, op, output = match["metric"], match["op"], match["output"]
+    known = {**BUILTIN_METRICS, **{name: ("<=" if name.endswith("mae") else ">=") for name in TASK_GATES}}
+    if metric not in known:
+        raise OptionError(f"--target: unknown metric '{metric}'{close_matches(metric, known)} "
+                          f"(choices: {', '.join(sorted(known))})")
+    if op != known[metric]:
+        raise OptionError(f"--target: '{metric}' needs {known[metric]} (higher is better)" if known[metric] == ">="
+                          else f"--target: '{metric}' needs <= (lower is better)")
+    if output is not None and output.strip() not in outputs:
+        raise OptionError(f"--target: the model has no output '{output.strip()}'{close_matches(output, outputs)}")
+    if metric in TASK_GATES and not any(m.kind == TASK_GATES[metric][0] for m in task_metrics):
+        raise OptionError(f"--target: '{metric}' needs a --task-metric of kind '{TASK_GATES[metric][0]}'")
+    try:
+        value = float(match["value"])
+    except ValueError:
+        raise OptionError(f"--target: '{match['value']}' is not a number") from None
+    return Target(metric=metric, op=op, value=value, output=output.strip() if output else None, text=spec.strip())
+
+
+def measure(target: Target, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
+            task_metrics: Sequence[TaskMetric] = ()) -> float:
+    """The target's metric of `candidate` outputs against `reference` outputs (all samples pooled)."""
+    from trtkit.metrics import TASK_GATES, cosine, measure_task_metrics, sqnr_db, top1_agreement
+
+    names = [target.output] if target.output else sorted(reference)
+    if target.metric == "sqnr":
+        return min(sqnr_db(reference[n], candidate[n]) for n in names)
+    if target.metric == "cosine":
+        return min(cosine(reference[n], candidate[n]) for n in names)
+    if target.metric == "agreement":
+        return min(float(top1_agreement(reference[n], candidate[n])["agreement"]) for n in names)
+    kind, key = TASK_GATES[target.metric]
+    results = measure_task_metrics(task_metrics, reference, candidate)
+    values = [float(entry[key]) for entry in results.get(kind, {}).values()]
+    return min(values) if target.op == ">=" else max(values)
+
+
+@dataclass
+class Decision:
+    action: str          # "adaptive-round", "float", "final"
+    what: str
+    why: str
+    before: float | None
+    after: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        def num(x: float | None) -> float | None:
+            return None if x is None else round(float(x), 4)
+
+        return {"action": self.action, "what": self.what, "why": self.why, "before": num(self.before),
+                "after": num(self.after)}
+
+
+@dataclass
+class TargetReport:
+    metric: str
+    target: str | None
+    measured: float | None = None
+    met: bool | None = None
+    check_samples: int = 0
+    round_samples: int = 0
+    decisions: list[Decision] = field(default_factory=list)
+    float_nodes: list[str] = field(default_factory=list)
+    blocking: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "target": self.target,
+                "measured": None if self.measured is None else round(float(self.measured), 4), "met": self.met,
+                "check_samples": self.check_samples, "round_samples": self.round_samples,
+                "decisions": [d.as_dict() for d in self.decisions], "float_nodes": self.float_nodes,
+                "blocking": self.blocking}
+
+
+def _split(data: Any, model: ModelArtifact, round_samples: int, check_samples: int,
+           min_check_samples: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(rounding part, held-out check part) of the data, as arrays per input."""
+    import numpy as np
+
+    from trtkit.data import batch_len, load_data
+    from trtkit.errors import DataError
+
+    parts: list[dict[str, np.ndarray]] = []
+    total = 0
+    for feeds in load_data(data, model.model, batch_size=8, limit=round_samples + check_samples).batches():
+        parts.append(feeds)
+        total += batch_len(feeds)
+    if total < min_check_samples + 1:
+        raise DataError(f"--data: {total} samples; quantization with a check needs at least {min_check_samples + 1}")
+    arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    held = max(min_check_samples, min(check_samples, total // 4))
+    cut = total - held
+    return ({n: a[:cut] for n, a in arrays.items()}, {n: a[cut:] for n, a in arrays.items()})
+
+
+def _run(model: ModelArtifact | Any, arrays: Mapping[str, np.ndarray], batch: int = 8) -> dict[str, np.ndarray]:
+    import numpy as np
+
+    from trtkit.model import as_artifact
+    from trtkit.runtime import session
+
+    sess = session(as_artifact(model))
+    names = [o.name for o in sess.get_outputs()]
+    total = len(next(iter(arrays.values())))
+    runs = [sess.run(names, {k: v[i:i + batch] for k, v in arrays.items()}) for i in range(0, total, batch)]
+    return {name: np.concatenate([r[k] for r in runs]) for k, name in enumerate(names)}
+
+
+def _activation_quantizers(model: Any) -> list[tuple[str, list[str]]]:
+    """(activation tensor, compute nodes reading its Q/DQ) for every activation quantizer of a QDQ model."""
+    from trtkit.graph import GraphIndex
+
+    from .placement import COMPUTE_OPS
+
+    index = GraphIndex(model.graph)
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or index.is_constant(node.input[0]):
+            continue
+        readers = [r for dq in index.readers(node.output[0]) if dq.op_type == "DequantizeLinear"
+                   for r in index.readers(dq.output[0])]
+        layers = [r.name for r in readers if r.op_type in COMPUTE_OPS and r.name]
+        if layers:
+            found.append((node.input[0], layers))
+    return found
+
+
+def _without_quantizers(model: Any, tensors: Iterable[str]) -> Any:
+    """A copy of the QDQ model whose activation Q/DQ pairs on `tensors` are removed (readers take the float)."""
+    from trtkit.graph import GraphIndex
+
+    result = copy.deepcopy(model)
+    index = GraphIndex(result.graph)
+    drop = set(tensors)
+    removed = []
+    for node in result.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in drop:
+            for dq in index.readers(node.output[0]):
+                index.rewire(dq.output[0], node.input[0])
+                removed.append(dq)
+            removed.append(node)
+    for node in removed:
+        result.graph.node.remove(node)
+    return result
+
+
+def quantize_checked(
+    model: ModelArtifact | str,
+    scales: Any,
+    data: Any,
+    target: str | None = None,
+    task_metrics: Sequence[TaskMetric] = (),
+    exclude: Iterable[str] = (),
+    adaptive_round: bool = True,
+    round_samples: int = 64,
+    check_samples: int = 32,
+    min_check_samples: int = 4,
+    max_float: int | None = None,
+    quantize_options: Mapping[str, Any] | None = None,
+) -> tuple[ModelArtifact, TargetReport]:
+    """Quantize `model` with `scales`, refine with adaptive rounding on `data`, and (with `target`) keep the
+    fewest layers in float until the target holds on held-out data. Returns (QDQ artefact, report).
+
+    max_float: most layers kept in float for the target (default: a quarter of the quantized layers).
+    """
+    from trtkit.model import as_artifact
+    from trtkit.plugins.ptq.adaptive_round import adaptive_round as round_weights
+    from trtkit.runtime import output_specs
+    from trtkit.ui import console, track
+
+    from .insert import quantize
+
+    source = as_artifact(model, "model")
+    outputs = [spec.name for spec in output_specs(source.model)]
+    goal = parse_target(target, outputs, task_metrics) if target else None
+    metric = goal or Target(metric="sqnr", op=">=", value=float("-inf"), text="")
+    fit, check = _split(data, source, round_samples, check_samples, min_check_samples)
+    report = TargetReport(metric=metric.metric, target=goal.text if goal else None,
+                          check_samples=len(next(iter(check.values()))), round_samples=len(next(iter(fit.values()))))
+    reference = _run(source, check)
+    options = dict(quantize_options or {})
+    user_exclude = list(exclude)
+
+    def build(float_nodes: list[str]) -> tuple[ModelArtifact, float]:
+        base = quantize(source, scales, exclude=user_exclude + float_nodes, **options)
+        plain = measure(metric, reference, _run(base, check), task_metrics)
+        if not adaptive_round:
+            return base, plain
+        rounded, rounding = round_weights(base, source, fit)
+        refined = measure(metric, reference, _run(rounded, check), task_metrics)
+        keep = metric.better(refined, plain)
+        report.decisions.append(Decision(
+            "adaptive-round", f"{len(rounding.layers)} layers",
+            "kept: measured better" if keep else "dropped: not better on the held-out data", plain, refined))
+        return (rounded, refined) if keep else (base, plain)
+
+    result, value = build([])
+    report.measured = value
+    if goal is None or goal.met(value):
+        report.met = None if goal is None else True
+        return _finish(result, report)
+
+    # Sensitivity: the metric with one activation quantizer removed, all else quantized.
+    quantizers = _activation_quantizers(result.model)
+    limit = max_float if max_float is not None else max(1, len(quantizers) // 4)
+    gains = []
+    for tensor, layers in track(quantizers, description="quantizer sensitivity"):
+        trial = measure(metric, reference, _run(_without_quantizers(result.model, [tensor]), check), task_metrics)
+        gains.append((trial if goal.op == ">=" else -trial, tensor, layers))
+    gains.sort(key=lambda g: (-g[0], g[1]))
+    chosen: list[str] = []
+    tensors: list[str] = []
+    current = value
+    for _, tensor, layers in gains:
+        if goal.met(current) or len(chosen) >= limit:
+            break
+        trial = measure(metric, reference, _run(_without_quantizers(result.model, tensors + [tensor]), check),
+                        task_metrics)
+        if not goal.better(trial, current):
+            continue
+        report.decisions.append(Decision("float", ", ".join(layers), f"input '{tensor}' is the most sensitive "
+                                         "quantizer left", current, trial))
+        tensors.append(tensor)
+        chosen.extend(n for n in layers if n not in chosen)
+        current = trial
+    if chosen:
+        console.print(f"quantize: {len(chosen)} layer(s) kept in float for {goal.text}; quantizing again")
+        result, value = build(chosen)
+        report.decisions.append(Decision("final", f"{len(chosen)} layers in float", "re-quantized and re-rounded "
+                                         "without them", report.measured, value))
+    report.float_nodes = chosen
+    report.measured = value
+    report.met = goal.met(value)
+    if not report.met:
+        left = [g for g in gains if g[1] not in tensors]
+        report.blocking = (f"{', '.join(left[0][2])} (input '{left[0][1]}')" if left else
+                           "no activation quantizer left to remove")
+    return _finish(result, report)
+
+
+def _finish(result: ModelArtifact, report: TargetReport) -> tuple[ModelArtifact, TargetReport]:
+    result.metadata.setdefault("quantization", {})["checked"] = report.as_dict()
+    return result, report
+
+
+def print_report(report: TargetReport) -> None:
+    """The decisions as a table on the console, then one line with the verdict."""
+    from rich.table import Table
+
+    from trtkit.ui import console
+
+    table = Table(title=f"checked on {report.check_samples} held-out samples ({report.metric})")
+    for column in ("decision", "what", "why", "before", "after"):
+        table.add_column(column)
+    for d in report.decisions:
+        table.add_row(d.action, d.what, d.why, "" if d.before is None else f"{d.before:.4g}",
+                      "" if d.after is None else f"{d.after:.4g}")
+    console.print(table)
+    if report.target is None:
+        console.print(f"{report.metric} {report.measured:.4g} on held-out data")
+        return
+    verdict = "met" if report.met else f"NOT met (blocked by {report.blocking})"
+    console.print(f"target {report.target}: {verdict}; measured {report.measured:.4g}; "
+                  f"{len(report.float_nodes)} layer(s) in float")

@@ -1,0 +1,198 @@
+"""Adaptive weight rounding (plugins/ptq/adaptive_round.py) and checked quantization with a target
+(plugins/qdq/target.py, `trtkit quantize --data/--target`), on a seeded onnx.helper model (Conv+BN+Relu,
+depthwise Conv, residual Add, Concat, MaxPool, Gemm, Sigmoid) and seeded data: toy numbers, real code paths."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from golden import build_model
+
+import trtkit
+from trtkit.errors import OptionError
+from trtkit.metrics import sqnr_db
+from trtkit.plugins.ptq.adaptive_round import adaptive_round, round_columns
+from trtkit.runtime import session
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adaptive")
+    model = build_model(folder / "model.onnx")
+    rng = np.random.default_rng(11)
+    calib = rng.uniform(0, 1, (48, 3, 8, 8)).astype(np.float32)
+    held = rng.uniform(0, 1, (32, 3, 8, 8)).astype(np.float32)
+    np.save(folder / "calib.npy", calib)
+    scales = trtkit.calibrate(model, calib, progress=False)
+    scales_path = folder / "scales.json"
+    trtkit.calibrate(model, calib, progress=False, output=scales_path)
+    qdq = trtkit.quantize(model, scales, output=folder / "int8.onnx")
+    return folder, model, calib, held, qdq
+
+
+def _outputs(model, x):
+    return session(model).run(None, {"x": x})[0]
+
+
+def test_round_columns_beats_nearest_rounding_on_the_layer_output():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 24)) @ rng.standard_normal((24, 24))  # correlated inputs, like real layers
+    w = rng.standard_normal((1, 16, 24))
+    scale = np.abs(w).max(axis=2) / 127
+    h = (x.T @ x)[None]
+    codes, tail = round_columns(w, h, scale)
+    assert codes.dtype == np.int8 and tail.shape == (1, 16, 0)
+    assert np.abs(codes.astype(int)).max() <= 127
+    nearest = np.clip(np.rint(w / scale[:, :, None]), -127, 127)
+    err_nearest = np.linalg.norm(x @ (nearest[0] * scale[0][:, None] - w[0]).T)
+    err_adaptive = np.linalg.norm(x @ (codes[0] * scale[0][:, None] - w[0]).T)
+    assert err_adaptive < 0.8 * err_nearest
+    again, _ = round_columns(w, h, scale)
+    assert np.array_equal(codes, again)
+
+
+def test_float_tail_absorbs_the_mean_error_like_a_bias():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.uniform(0, 1, (400, 8)), np.ones((400, 1))], axis=1)  # non-zero-mean inputs + bias
+    w = rng.standard_normal((1, 4, 9))
+    scale = np.abs(w[:, :, :8]).max(axis=2) / 127
+    codes, tail = round_columns(w, (x.T @ x)[None], scale, float_tail=1)
+    approx = np.concatenate([codes[0] * scale[0][:, None], tail[0]], axis=1)
+    mean_shift = np.abs((x @ (approx - w[0]).T).mean(axis=0))
+    nearest = np.concatenate([np.rint(w[0, :, :8] / scale[0][:, None]) * scale[0][:, None], w[0, :, 8:]], axis=1)
+    assert mean_shift.max() < 0.5 * np.abs((x @ (nearest - w[0]).T).mean(axis=0)).max() + 1e-12
+
+
+def outlier_model(path):
+    """Two 3x3 Convs whose rows each hold one large weight: per-channel scales then leave the other weights
+    few int8 levels, so weight rounding dominates the INT8 error (as in BN-folded depthwise layers)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+
+    def weight(cout, cin):
+        w = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32) * 0.05
+        w.reshape(cout, -1)[np.arange(cout), rng.integers(0, cin * 9, cout)] = 2.0
+        return w
+
+    inits = [numpy_helper.from_array(weight(16, 16), "w1"), numpy_helper.from_array(np.zeros(16, np.float32), "b1"),
+             numpy_helper.from_array(weight(8, 16), "w2"), numpy_helper.from_array(np.zeros(8, np.float32), "b2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "outliers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_adaptive_round_improves_the_model_and_leaves_the_input_alone(tmp_path):
+    model = outlier_model(tmp_path / "model.onnx")
+    rng = np.random.default_rng(2)
+    calib = rng.uniform(0, 1, (32, 16, 8, 8)).astype(np.float32)
+    held = rng.uniform(0, 1, (16, 16, 8, 8)).astype(np.float32)
+    qdq = trtkit.quantize(model, trtkit.calibrate(model, calib, progress=False), output=tmp_path / "int8.onnx")
+    folder = tmp_path
+    before_bytes = hashlib.sha256((folder / "int8.onnx").read_bytes()).hexdigest()
+    result, report = adaptive_round(folder / "int8.onnx", model, calib)
+    assert hashlib.sha256((folder / "int8.onnx").read_bytes()).hexdigest() == before_bytes
+    assert len(report.layers) == 2 and report.samples == 32
+    assert all(layer.error_adaptive_db > layer.error_nearest_db + 3 for layer in report.layers)
+    reference = _outputs(model, held)
+    # Held-out samples: the gain is not fitted to the rounding data.
+    assert sqnr_db(reference, _outputs(result.model, held)) > sqnr_db(reference, _outputs(qdq.model, held)) + 3
+    # Only int8 codes and float biases change: the graph keeps its Q/DQ structure.
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops == [n.op_type for n in qdq.model.graph.node]
+
+
+def test_adaptive_round_is_deterministic(setup, tmp_path):
+    folder, model, calib, _, _ = setup
+    for name in ("a", "b"):
+        result, _ = adaptive_round(folder / "int8.onnx", model, calib, limit=32, blocks=2)
+        result.save(tmp_path / f"{name}.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"reference": ""}, "needs option 'reference'"),
+    ({"data": ""}, "needs option 'data'"),
+    ({"blocks": 0}, "'blocks' must be >= 1"),
+])
+def test_adaptive_round_bad_options(setup, options, message):
+    folder, model, calib, _, _ = setup
+    kwargs = {"reference": model, "data": calib, **options}
+    with pytest.raises(OptionError, match=message):
+        adaptive_round(folder / "int8.onnx", kwargs.pop("reference"), kwargs.pop("data"), **kwargs)
+
+
+def test_cli_quantize_with_data_rounds_and_reports(setup, tmp_path):
+    folder, model, *_ = setup
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", str(model), "-s", str(folder / "scales.json"), "--data", str(folder / "calib.npy"),
+                     "-o", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    checked = json.loads(result.stdout)["checked"]
+    assert checked["target"] is None and checked["check_samples"] == 12 and checked["round_samples"] == 36
+    assert checked["decisions"][0]["action"] == "adaptive-round"
+    from trtkit.model import ModelArtifact
+
+    assert ModelArtifact.load(out).metadata["quantization"]["checked"] == checked
+
+
+def test_cli_target_keeps_layers_in_float_until_met(setup, tmp_path):
+    folder, model, *_ = setup
+    base = run_cli("quantize", str(model), "-s", str(folder / "scales.json"), "--data", str(folder / "calib.npy"),
+                   "-o", str(tmp_path / "base.onnx"), "--json")
+    measured = json.loads(base.stdout)["checked"]["measured"]
+    goal = measured + 3.0
+    result = run_cli("quantize", str(model), "-s", str(folder / "scales.json"), "--data", str(folder / "calib.npy"),
+                     "--target", f"sqnr>={goal:.2f}", "-o", str(tmp_path / "t.onnx"), "--json")
+    checked = json.loads(result.stdout)["checked"]
+    floats = [d for d in checked["decisions"] if d["action"] == "float"]
+    if checked["met"]:
+        assert result.returncode == 0, result.stderr
+        assert checked["measured"] >= goal and checked["float_nodes"] and floats
+        assert all(d["after"] > d["before"] for d in floats)
+    else:  # not reachable on this toy model: exit 1, the blocking layer named, the closest model written
+        assert result.returncode == 1 and "blocked by" in result.stderr
+        assert (tmp_path / "t.onnx").exists()
+
+
+def test_cli_unreachable_target_exits_1_and_names_the_blocker(setup, tmp_path):
+    folder, model, *_ = setup
+    result = run_cli("quantize", str(model), "-s", str(folder / "scales.json"), "--data", str(folder / "calib.npy"),
+                     "--target", "sqnr>=300", "--max-float", "2", "-o", str(tmp_path / "t.onnx"))
+    assert result.returncode == 1
+    assert "--target sqnr>=300: not met" in result.stderr and "blocked by" in result.stderr
+    assert (tmp_path / "t.onnx").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "sqnr>20"], "expected [OUTPUT:]METRIC>=VALUE"),
+    (["--target", "snr>=20"], "unknown metric 'snr'"),
+    (["--target", "box_mae>=2"], "needs <="),
+    (["--target", "positive_iou>=0.9"], "needs a --task-metric of kind 'positives'"),
+    (["--target", "nope:sqnr>=20"], "no output 'nope'"),
+])
+def test_cli_bad_targets_are_one_line_errors(setup, tmp_path, args, message):
+    folder, model, *_ = setup
+    result = run_cli("quantize", str(model), "-s", str(folder / "scales.json"), "--data", str(folder / "calib.npy"),
+                     "-o", str(tmp_path / "q.onnx"), *args)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_cli_target_needs_data(setup, tmp_path):
+    folder, model, *_ = setup
+    result = run_cli("quantize", str(model), "-s", str(folder / "scales.json"), "--target", "sqnr>=20",
+                     "-o", str(tmp_path / "q.onnx"))
+    assert result.returncode == 2 and "--target needs --data" in result.stderr
