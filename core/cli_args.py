@@ -39,9 +39,18 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return parse_key_values(pairs, "--option")
 
 
+# Task metrics: what "accurate" means for an output (detection scores, boxes, probability maps).
+TaskMetricFlag = Annotated[list[str] | None, typer.Option(
+    "--task-metric", help="Task metric 'KIND key=value ...' (positives, boxes, map; repeatable), "
+    "e.g. 'positives output=output0 axis=1 start=4 threshold=0.25'.",
+)]
+
+
 # Data: the samples a command runs the model on.
 DataFlag = Annotated[str | None, typer.Option("--data", "-d", help="Samples: .npy, .npz or a folder of images.")]
 BatchSizeFlag = Annotated[int, typer.Option("--batch-size", "-b", help="Samples per run of the model.")]
+CastFlag = Annotated[bool, typer.Option("--cast", help="Accept integer data for float inputs (cast as is; "
+                                         "refused without it).")]
 NumSamplesFlag = Annotated[int | None, typer.Option("--num-samples", "-n", help="Use at most this many samples.")]
 PreprocessFlag = Annotated[list[str] | None, typer.Option(
     "--preprocess", "-P", help="Image preprocessing KEY=VALUE: resize, crop, scale, mean, std, channels, layout."

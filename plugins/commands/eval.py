@@ -1,7 +1,7 @@
 """`trtkit eval NAME MODELS...`: run an evaluator (accuracy, speed, layers, report, jetson, or a plugin's).
 
-Exit codes: 0 all gates passed; 3 the evaluation ran but a tolerance gate failed (for CI); 2 bad input
-(unknown evaluator, option, file, mismatching models) as for every command.
+Exit codes, as for every command (trtkit.errors): 0 all gates passed; 1 the evaluation ran but a tolerance gate
+failed (for CI); 2 bad input (unknown evaluator, option, file, mismatching models); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from typing import Annotated, Any
 import typer
 
 from trtkit import hookimpl
-from trtkit.cli_args import DataFlag, JsonFlag, options_flag, output_flag, parse_options
+from trtkit.cli_args import DataFlag, JsonFlag, TaskMetricFlag, options_flag, output_flag, parse_options
 
 HELP_ORDER = 60
-GATE_FAILED_EXIT_CODE = 3
 
 
 def eval_command(
@@ -29,14 +28,10 @@ def eval_command(
         typer.Option("--runtime-kernels/--emulate-qdq",
                      help="QDQ models on onnxruntime's int8 kernels, or with Q/DQ emulated in float."),
     ] = None,
-    task_metric: Annotated[
-        list[str] | None,
-        typer.Option("--task-metric", help="accuracy: task metric 'KIND key=value ...' (positives, boxes, map; "
-                     "repeatable), e.g. 'positives output=output0 axis=1 start=4 threshold=0.25'."),
-    ] = None,
+    task_metric: TaskMetricFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Measure artefacts: accuracy (gates: exit code 3 on failure), speed, per-layer error, reports."""
+    """Measure artefacts: accuracy (gates: exit code 1 on failure), speed, per-layer error, reports."""
     from trtkit.evaluation import evaluate, to_json
     from trtkit.fileio import write_text
     from trtkit.registry import get_registry
@@ -69,12 +64,14 @@ def eval_command(
                      markup=False, highlight=False, soft_wrap=True)
     if not show_tables(result.data):
         console.print(result.summary, markup=False, highlight=False, soft_wrap=True)
+    if output is not None:
+        from trtkit.fileio import described
+
+        console.print(f"wrote {described(output)}", markup=False, highlight=False, soft_wrap=True)
     if not result.passed:
-        console.print(f"FAILED: evaluator '{name}' gates not met (exit code {GATE_FAILED_EXIT_CODE})",
-                      markup=False, highlight=False, soft_wrap=True)
-        # SystemExit, not typer.Exit: the core runs click with standalone_mode=False, which turns
-        # typer.Exit into a return value that trtkit.cli.main does not propagate.
-        raise SystemExit(GATE_FAILED_EXIT_CODE)
+        from trtkit.errors import GateError
+
+        raise GateError(f"evaluator '{name}' gates not met (exit code 1)")
 
 
 def _number(value: object, digits: int = 4) -> str:
@@ -89,13 +86,9 @@ def _number(value: object, digits: int = 4) -> str:
 
 def show_tables(data: dict[str, Any]) -> bool:
     """Rich tables on stderr for accuracy and speed results; False when the data is of another kind."""
-    from rich.console import Console
     from rich.table import Table
 
-    from trtkit.ui import console as terminal
-
-    # Logs and CI (stderr not a terminal): do not squeeze the tables into rich's default 80 columns.
-    console = terminal if terminal.is_terminal else Console(stderr=True, highlight=False, width=160)
+    from trtkit.ui import console  # not squeezed into 80 columns when stderr is not a terminal (trtkit.ui)
     candidates = data.get("candidates")
     runs: list[Any] = candidates if isinstance(candidates, list) else [data]
     if all("outputs" in run and "checks" in run for run in runs):

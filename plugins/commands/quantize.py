@@ -1,4 +1,8 @@
-"""`trtkit quantize MODEL --scales SCALES`: scales -> QDQ ONNX (or calibrate first with --data).
+"""`trtkit quantize MODEL --scales SCALES`: scales -> QDQ ONNX; with --data also adaptive rounding, checked.
+
+`--data` calibrates first when no --scales are given, then refines the int8 weights by adaptive rounding and
+measures the result on held-out samples (plugins/qdq/target.py); `--target "sqnr>=20"` keeps the fewest layers
+in float until the target holds.
 
 Nothing heavy is imported here: onnx and numpy load inside the API functions.
 """
@@ -12,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from trtkit import hookimpl
-from trtkit.cli_args import DataFlag, JsonFlag, output_flag
+from trtkit.cli_args import DataFlag, JsonFlag, TaskMetricFlag, output_flag
 
 HELP_ORDER = 40
 
@@ -28,25 +32,49 @@ def quantize_command(
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One scale per weight tensor instead of per channel.")] = False,
     reduce_range: Annotated[bool, typer.Option("--reduce-range", help="7-bit weights (onnxruntime on CPUs without VNNI); not for TensorRT.")] = False,
     concat_max_ratio: Annotated[float, typer.Option("--concat-max-ratio", help="No shared Concat scale when input ranges differ more than this.")] = 32.0,
+    target: Annotated[str | None, typer.Option("--target", help="Accuracy to reach on held-out --data, e.g. 'sqnr>=20', 'agreement>=0.95', 'positive_iou>=0.9' (with --task-metric); the fewest layers stay in float.")] = None,
+    task_metric: TaskMetricFlag = None,
+    adaptive_round: Annotated[bool, typer.Option("--adaptive-round/--nearest-round", help="With --data: choose int8 weights against each layer's output (kept only when it measures better).")] = True,
+    max_float: Annotated[int | None, typer.Option("--max-float", help="With --target: at most this many layers in float (default: a quarter of them).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Insert int8 Q/DQ nodes where TensorRT fuses them (per-channel weights, per-tensor activations).
 
-    The scales come from --scales, or from calibrating on --data first.
+    The scales come from --scales, or from calibrating on --data first. With --data, int8 weights are chosen
+    by adaptive rounding and the result is measured on held-out samples; --target adds float fallback.
     """
     from trtkit.calibration import calibrate
     from trtkit.errors import OptionError
     from trtkit.fileio import check_output_path
     from trtkit.plugins.qdq.insert import quantize
-    from trtkit.ui import console
 
-    if (scales is None) == (data is None):
-        raise OptionError("give exactly one of --scales FILE or --data DATA")
+    if scales is None and data is None:
+        raise OptionError("give --scales FILE, --data DATA, or both")
+    for flag, value in (("--target", target), ("--task-metric", task_metric), ("--max-float", max_float)):
+        if value and data is None:
+            raise OptionError(f"{flag} needs --data (the result is measured on held-out samples)")
     output = output or model.with_name(model.stem + ".int8.onnx")
     check_output_path(output, model)
+    metrics: Any = ()
+    if task_metric:
+        from trtkit.metrics import parse_task_metrics
+        from trtkit.model import as_artifact
+        from trtkit.runtime import output_specs
+
+        metrics = parse_task_metrics(task_metric, [s.name for s in output_specs(as_artifact(model).model)])
     source: Any = scales if scales is not None else calibrate(model, data, method=method)
-    artifact = quantize(model, source, output=output, exclude=exclude or (), exclude_op_types=exclude_op_type or (),
-                        per_channel=not per_tensor, reduce_range=reduce_range, concat_max_ratio=concat_max_ratio)
+    options = {"exclude_op_types": exclude_op_type or (), "per_channel": not per_tensor,
+               "reduce_range": reduce_range, "concat_max_ratio": concat_max_ratio}
+    checked = None
+    if data is None:
+        artifact = quantize(model, source, output=output, exclude=exclude or (), **options)
+    else:
+        from trtkit.plugins.qdq.target import quantize_checked
+
+        artifact, checked = quantize_checked(model, source, data, target=target, task_metrics=metrics,
+                                             exclude=exclude or (), adaptive_round=adaptive_round,
+                                             max_float=max_float, quantize_options=options)
+        artifact.save(output)
     info = artifact.metadata["quantization"]
     summary = {
         "output": str(output),
@@ -55,14 +83,30 @@ def quantize_command(
         "activations": len(info["activation_amax"]),
         "weights": len(info["weights"]),
         "skipped": info["skipped"],
+        "checked": info.get("checked"),
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=2, sort_keys=True))
-        return
+    else:
+        _print_summary(summary, info, output, checked)
+    if checked is not None and checked.met is False:
+        from trtkit.errors import GateError
+
+        raise GateError(f"--target {checked.target}: not met ({checked.measured:.4g}); blocked by {checked.blocking};"
+                        f" {output} holds the closest model")
+
+
+def _print_summary(summary: dict[str, Any], info: dict[str, Any], output: Path, checked: Any) -> None:
+    from trtkit.ui import console
+
     console.print(f"quantized {len(info['quantized_nodes'])} nodes ({summary['activations']} activation Q/DQ, "
                   f"{summary['weights']} int8 weights); wrote {output}")
     for node, reason in info["skipped"].items():
         console.print(f"  float: {node}: {reason}")
+    if checked is not None:
+        from trtkit.plugins.qdq.target import print_report
+
+        print_report(checked)
 
 
 @hookimpl
