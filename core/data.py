@@ -126,6 +126,8 @@ class DataSource:
     _first: dict[str, np.ndarray] | None = field(default=None, repr=False)
     _consumed: bool = field(default=False, repr=False)
     one_shot: bool = False
+    cast: bool = False  # integer/bool data for float inputs cast as is (else refused)
+    _warned: bool = field(default=False, repr=False)  # constant samples are reported on the first full read
 
     @property
     def input_names(self) -> list[str]:
@@ -137,12 +139,21 @@ class DataSource:
             raise DataError(f"{self.description}: a one-shot iterator can only be read once; pass a callable or a list")
         self._consumed = True
         offset = 0
+        constant: dict[str, list[np.ndarray]] = {}
         for raw in self._make():
-            feeds = _validate(raw, self.inputs, self.description, offset)
+            feeds = _validate(raw, self.inputs, self.description, offset, self.cast)
+            for name, array in feeds.items():
+                flat = constant_samples(array)
+                if flat.size:
+                    constant.setdefault(name, []).append(flat + offset)
             offset += batch_len(feeds)
             yield feeds
         if offset == 0:
             raise DataError(f"{self.description}: no samples")
+        if not self._warned:
+            self._warned = True
+            for name, parts in constant.items():
+                _warn_constant(self.description, name, np.concatenate(parts), offset)
         if self.num_samples is None:
             self.num_samples = offset
 
@@ -176,7 +187,7 @@ def _as_array(value: Any, name: str, where: str) -> np.ndarray:
 
 
 def check_spec(array: np.ndarray, spec: TensorSpec, where: str, batched: bool = True,
-               shown: tuple[int, ...] | None = None) -> np.ndarray:
+               shown: tuple[int, ...] | None = None, cast: bool = False) -> np.ndarray:
     """Check one input array's rank/dims/dtype against the model input; returns it cast to the model dtype.
 
     shown: the shape to print in errors (when `array` is an empty slice of the real data).
@@ -194,21 +205,47 @@ def check_spec(array: np.ndarray, spec: TensorSpec, where: str, batched: bool = 
                 f"{where}: input '{spec.name}' has shape {_shape_text(shown)}, the model expects "
                 f"{_shape_text(expected)} (axis {axis}: {got} vs {want})"
             )
-    want_dtype = np.dtype(spec.dtype)
-    if array.dtype != want_dtype:
-        kind, want_kind = array.dtype.kind, want_dtype.kind
-        castable = (want_kind in _FLOAT_KINDS and kind in _FLOAT_KINDS + _INT_KINDS + "b") or (
-            want_kind in _INT_KINDS and kind in _INT_KINDS
-        ) or (want_kind == "b" and kind == "b")
-        if not castable:
-            raise DataError(
-                f"{where}: input '{spec.name}' has dtype {array.dtype}, the model expects {want_dtype}"
-            )
-        array = array.astype(want_dtype)
-    return array
+    return check_dtype(array, spec.dtype, f"{where}: input '{spec.name}'", cast)
 
 
-def _validate(raw: Any, specs: list[TensorSpec], where: str, offset: int) -> dict[str, np.ndarray]:
+def check_dtype(array: np.ndarray, dtype: Any, where: str, cast: bool | None = False) -> np.ndarray:
+    """`array` as `dtype` (a model input's): integer or bool data for a float input is refused unless `cast`
+    (zeros in an int32 array are rarely what a float model was trained on; None: no cast is offered); float
+    data for an integer input, and anything but bool for a bool input, are refused always. `where` names the
+    file and the input."""
+    want = np.dtype(dtype)
+    if array.dtype == want:
+        return array
+    kind, want_kind = array.dtype.kind, want.kind
+    if want_kind in _FLOAT_KINDS and kind in _INT_KINDS + "b":
+        if not cast:
+            hint = "" if cast is None else ", or give --cast (recipe: cast = true) to cast it as is"
+            raise DataError(f"{where} is {array.dtype} data for a {want} model input; convert it{hint}")
+        return array.astype(want)
+    if (want_kind in _FLOAT_KINDS and kind in _FLOAT_KINDS) or (want_kind in _INT_KINDS and kind in _INT_KINDS):
+        return array.astype(want)
+    raise DataError(f"{where} has dtype {array.dtype}, the model expects {want}")
+
+
+def _warn_constant(where: str, name: str, samples: np.ndarray, total: int) -> None:
+    """One warning line per input with constant samples (all values equal: all-zero arrays, blank frames)."""
+    import sys
+
+    shown = ", ".join(str(int(i)) for i in samples[:8]) + (", ..." if samples.size > 8 else "")
+    print(f"warning: {where}: input '{name}' is constant within {samples.size} of {total} sample(s) "
+          f"(samples {shown}); statistics from them say nothing about real data", file=sys.stderr)
+
+
+def constant_samples(array: np.ndarray) -> np.ndarray:
+    """Indices (along the first axis) of the samples whose values are all the same."""
+    if array.ndim == 0 or array.size == 0:
+        return np.zeros(0, np.int64)
+    flat = array.reshape(array.shape[0], -1)
+    return np.flatnonzero((flat == flat[:, :1]).all(axis=1))
+
+
+def _validate(raw: Any, specs: list[TensorSpec], where: str, offset: int, cast: bool = False
+              ) -> dict[str, np.ndarray]:
     names = [spec.name for spec in specs]
     if isinstance(raw, Mapping):
         unknown = [key for key in raw if key not in names]
@@ -230,7 +267,7 @@ def _validate(raw: Any, specs: list[TensorSpec], where: str, offset: int) -> dic
     feeds: dict[str, np.ndarray] = {}
     length = None
     for spec in specs:
-        array = check_spec(_as_array(items[spec.name], spec.name, where), spec, where)
+        array = check_spec(_as_array(items[spec.name], spec.name, where), spec, where, cast=cast)
         if array.ndim == 0:
             raise DataError(f"{where}: input '{spec.name}' is a scalar, expected a batch of shape {_shape_text(spec.shape)}")
         if length is None:
@@ -279,10 +316,14 @@ def load_data(
     batch_size: int = 32,
     limit: int | None = None,
     preprocess: Preprocess | Mapping[str, Any] | None = None,
+    cast: bool = False,
 ) -> DataSource:
     """A validated DataSource for `model` (path, ModelArtifact, ModelProto or list of TensorSpec).
 
     limit: use at most this many samples. Fixed-batch models are fed their batch size (a remainder is dropped).
+    cast: accept integer/bool data for float inputs (cast as is); without it such data is a DataError.
+    Samples whose values are all equal (all-zero arrays, blank frames) are named in one warning line per
+    input once the data has been read.
     """
     if batch_size < 1:
         raise OptionError(f"batch size must be >= 1, got {batch_size}")
@@ -311,30 +352,31 @@ def load_data(
             if len(specs) != 1:
                 names = ", ".join(s.name for s in specs)
                 raise DataError(f"{path}: a .npy file feeds one input, the model has {len(specs)} ({names}); use .npz")
-            return _arrays({specs[0].name: array}, specs, batch_size, limit, str(path), fixed)
+            return _arrays({specs[0].name: array}, specs, batch_size, limit, str(path), fixed, cast)
         if suffix == ".npz":
             try:
                 archive = np.load(path, allow_pickle=False)
                 arrays = {key: archive[key] for key in archive.files}
             except Exception as exc:
                 raise InputFileError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
-            return _arrays(arrays, specs, batch_size, limit, str(path), fixed)
+            return _arrays(arrays, specs, batch_size, limit, str(path), fixed, cast)
         raise InputFileError(f"{path}: unsupported data file (use .npy, .npz or a folder of images)")
     if isinstance(spec, np.ndarray):
         if len(specs) != 1:
             raise DataError(f"an array feeds one input, the model has {len(specs)}; give a dict keyed by input name")
-        return _arrays({specs[0].name: spec}, specs, batch_size, limit, "data array", fixed)
+        return _arrays({specs[0].name: spec}, specs, batch_size, limit, "data array", fixed, cast)
     if isinstance(spec, Mapping):
-        return _arrays(dict(spec), specs, batch_size, limit, "data dict", fixed)
+        return _arrays(dict(spec), specs, batch_size, limit, "data dict", fixed, cast)
     if callable(spec) and not hasattr(spec, "__iter__"):
-        return _iterable(spec, specs, batch_size, limit, f"data callable {getattr(spec, '__name__', '')}".strip())
+        return _iterable(spec, specs, batch_size, limit, f"data callable {getattr(spec, '__name__', '')}".strip(),
+                         cast)
     if isinstance(spec, Iterable):
-        return _iterable(spec, specs, batch_size, limit, f"data {type(spec).__name__}")
+        return _iterable(spec, specs, batch_size, limit, f"data {type(spec).__name__}", cast)
     raise DataError(f"unsupported calibration data of type {type(spec).__name__}")
 
 
 def _arrays(arrays: dict[str, Any], specs: list[TensorSpec], batch_size: int, limit: int | None, where: str,
-            fixed: int | None) -> DataSource:
+            fixed: int | None, cast: bool = False) -> DataSource:
     names = [s.name for s in specs]
     for key in arrays:
         if key not in names:
@@ -348,7 +390,7 @@ def _arrays(arrays: dict[str, Any], specs: list[TensorSpec], batch_size: int, li
         if array.ndim == 0:
             raise DataError(f"{where}: input '{spec.name}' is a scalar, expected samples of shape {_shape_text(spec.shape)}")
         # Validate shape and dtype up front on an empty slice (no data read).
-        check_spec(np.asarray(array[:0]), spec, where, shown=tuple(array.shape))
+        check_spec(np.asarray(array[:0]), spec, where, shown=tuple(array.shape), cast=cast)
         counts.add(int(array.shape[0]))
     if len(counts) != 1:
         raise DataError(f"{where}: inputs have different numbers of samples ({sorted(counts)})")
@@ -360,16 +402,18 @@ def _arrays(arrays: dict[str, Any], specs: list[TensorSpec], batch_size: int, li
     if fixed and total < fixed:
         raise DataError(f"{where}: {total} sample(s), fewer than the model's fixed batch size {fixed}")
     used = total - total % fixed if fixed else total
-    return DataSource(specs, fixed or batch_size, used, where, lambda: _slices(arrays, total, batch_size, fixed))
+    return DataSource(specs, fixed or batch_size, used, where, lambda: _slices(arrays, total, batch_size, fixed),
+                      cast=cast)
 
 
-def _rebatch(items: Iterable[Any], specs: list[TensorSpec], limit: int | None, where: str) -> Iterator[Any]:
+def _rebatch(items: Iterable[Any], specs: list[TensorSpec], limit: int | None, where: str, cast: bool = False
+             ) -> Iterator[Any]:
     seen = 0
     for raw in items:
         if limit is not None and seen >= limit:
             return
         if limit is not None:
-            feeds = _validate(raw, specs, where, seen)
+            feeds = _validate(raw, specs, where, seen, cast)
             n = batch_len(feeds)
             if seen + n > limit:
                 feeds = {k: v[: limit - seen] for k, v in feeds.items()}
@@ -380,7 +424,8 @@ def _rebatch(items: Iterable[Any], specs: list[TensorSpec], limit: int | None, w
             yield raw
 
 
-def _iterable(spec: Any, specs: list[TensorSpec], batch_size: int, limit: int | None, where: str) -> DataSource:
+def _iterable(spec: Any, specs: list[TensorSpec], batch_size: int, limit: int | None, where: str,
+              cast: bool = False) -> DataSource:
     num: int | None = None
     dataset = getattr(spec, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
@@ -391,8 +436,8 @@ def _iterable(spec: Any, specs: list[TensorSpec], batch_size: int, limit: int | 
         num = min(num, limit)
     if callable(spec) and not hasattr(spec, "__iter__"):
         def make() -> Iterator[Any]:
-            return _rebatch(spec(), specs, limit, where)
-        return DataSource(specs, batch_size, num, where, make)
+            return _rebatch(spec(), specs, limit, where, cast)
+        return DataSource(specs, batch_size, num, where, make, cast=cast)
     one_shot = iter(spec) is spec
     if one_shot:
         # Validate the first batch now, before any heavy work, and put it back in front.
@@ -401,11 +446,12 @@ def _iterable(spec: Any, specs: list[TensorSpec], batch_size: int, limit: int | 
             first = next(iterator)
         except StopIteration:
             raise DataError(f"{where}: no samples") from None
-        _validate(first, specs, where, 0)
+        _validate(first, specs, where, 0, cast)
         chained = itertools.chain([first], iterator)
-        return DataSource(specs, batch_size, num, where, lambda: _rebatch(chained, specs, limit, where),
-                          one_shot=True)
-    source = DataSource(specs, batch_size, num, where, lambda: _rebatch(spec, specs, limit, where))
+        return DataSource(specs, batch_size, num, where, lambda: _rebatch(chained, specs, limit, where, cast),
+                          one_shot=True, cast=cast)
+    source = DataSource(specs, batch_size, num, where, lambda: _rebatch(spec, specs, limit, where, cast),
+                        cast=cast)
     source.peek()
     return source
 

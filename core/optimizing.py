@@ -8,10 +8,15 @@
     result.reports             # one PassReport per pass: op counts before/after, seconds, max output diff
     print(result.table())      # the summary table `trtkit optimize` prints
 
-Every exact pass is checked against the model before it with onnxruntime on random inputs within the
-declared ranges: outputs must agree within atol + rtol * max|reference| (failure raises NumericalCheckError
-naming the pass). Passes that change outputs by design (`GraphPass.exact=False`) prove their own relation
-instead and may report the difference they measured (`GraphPass.measured_difference`), which the report
+Every exact pass is checked against the model before it with onnxruntime on the same inputs: the user's
+(`check_data`, a .npz keyed by input name), or random ones within the declared ranges, with symbolic dims,
+integer scalars and the like chosen so that the input model runs (core/check_feeds.py). Each output must
+agree within atol + rtol * (max - min of the reference output) + float round-off (64 eps x max|reference|),
+so a drift that is small in absolute terms but large against what the output spans still fails (failure
+raises NumericalCheckError naming the pass). When the input model runs on none of the candidate inputs, one
+warning says so and each pass gets the structural check only (the result loads in onnxruntime, outputs keep
+their names and types): a model onnxruntime loads is never refused for want of inputs.
+Passes that change outputs by design (`GraphPass.exact=False`) prove their own relation instead and may report the difference they measured (`GraphPass.measured_difference`), which the report
 records; `check=False` turns both off. Which passes run by default is each pass's `default` flag.
 """
 
@@ -30,12 +35,14 @@ if TYPE_CHECKING:
     import numpy as np
     import onnx
 
+    from .check_feeds import FeedPlan
     from .model import ModelArtifact
     from .registry import Registry
     from .stages import GraphPass
 
-DEFAULT_RTOL = 1e-3
-DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-4  # of each output's range (max - min) on the check inputs
+DEFAULT_ATOL = 1e-6
+ROUNDOFF_EPS = 64  # float round-off allowance: this many machine epsilons of max|output|
 
 PassSpec = str | tuple[str, Mapping[str, Any]] | Mapping[str, Any]
 
@@ -66,7 +73,7 @@ class PassReport:
     seconds: float
     max_abs_diff: float | None = None  # None when not checked
     tolerance: float | None = None
-    checked: str = "no"  # "onnxruntime", "by the pass" or "no"
+    checked: str = "no"  # "onnxruntime", "by the pass", "structure" (no inputs run the model) or "no"
 
     @property
     def total_before(self) -> int:
@@ -132,7 +139,7 @@ class OptimizeResult:
 
 def _fmt_diff(report: PassReport) -> str:
     if report.max_abs_diff is None:
-        return "unchecked"
+        return "structure" if report.checked == "structure" else "unchecked"
     suffix = "" if report.checked == "onnxruntime" else "*"
     return f"{report.max_abs_diff:.2e}{suffix}"
 
@@ -198,6 +205,7 @@ def optimize(
     ranges: Mapping[str, tuple[float, float]] | None = None,
     dims: Mapping[str, int] | None = None,
     seed: int = 0,
+    check_data: str | os.PathLike[str] | None = None,
     registry: Registry | None = None,
     external_data: bool | None = None,
     progress: bool = False,
@@ -208,7 +216,8 @@ def optimize(
     passes: names, (name, options) pairs or {"name": ..., "options": {...}} tables; `options` adds `-O`-style
     settings (see parse_pass_specs).
     check: numerical check after every pass (random inputs in `ranges`, default [-1, 1]; symbolic dims from
-    `dims`, default 1). Returns an OptimizeResult (artifact, per-pass reports, overall max diff).
+    `dims`, default 1, or sizes the model needs; `check_data`: a .npz of the user's own inputs).
+    Returns an OptimizeResult (artifact, per-pass reports, overall max diff).
     """
     from .fileio import check_output_path
     from .graph import op_counts
@@ -242,6 +251,10 @@ def optimize(
         known[id(artifact)] = (artifact, feeds, outputs)
         return outputs
 
+    plan = None
+    if check and any(p.exact for p, _ in selected):
+        plan = _check_plan(source, ranges, dims, seed, check_data, known)
+
     from .ui import track
 
     steps = track(selected, total=len(selected), description="passes") if progress else selected
@@ -267,12 +280,20 @@ def optimize(
         if not isinstance(result, ModelArtifact):
             raise TrtkitError(f"pass '{graph_pass.name}' returned {type(result).__name__}, not a ModelArtifact")
         report = PassReport(graph_pass.name, _jsonable(resolved), before, op_counts(result.model), seconds)
-        if check and graph_pass.exact:
-            feeds = _feeds(result, ranges, dims, seed)
-            reference = outputs_of(current, feeds, graph_pass.name, "before")
+        if check and graph_pass.exact and plan is not None:
+            feeds = plan.feeds(result.model)
+            try:
+                reference = outputs_of(current, feeds, graph_pass.name, "before")
+            except _BeforeFails as exc:  # a non-exact pass before changed the inputs: check the structure
+                _warn(f"numerical check off from pass '{graph_pass.name}' on: {exc}; structural checks only")
+                plan = None
+        if check and graph_pass.exact and plan is not None:
             got = outputs_of(result, feeds, graph_pass.name, "after")
             report.max_abs_diff, report.tolerance = _compare(reference, got, graph_pass.name, rtol, atol)
             report.checked = "onnxruntime"
+        elif check and graph_pass.exact:
+            _check_structure(current, result, graph_pass.name)
+            report.checked = "structure"
         elif check and not graph_pass.exact:
             # the pass proved its own relation (when its `verify` option was on); record what it measured
             measured = graph_pass.measured_difference(result) if graph_pass.measured_difference else None
@@ -285,8 +306,8 @@ def optimize(
         current = result
 
     overall = None
-    if check and all(p.exact for p, _ in selected) and reports:
-        feeds = _feeds(current, ranges, dims, seed)
+    if check and all(p.exact for p, _ in selected) and reports and plan is not None:
+        feeds = plan.feeds(current.model)
         ref = outputs_of(source, feeds, "input model", "before")
         got = outputs_of(current, feeds, "all passes", "after")
         overall = max((float(abs(got[k].astype("float64") - ref[k]).max()) if ref[k].size else 0.0)
@@ -324,12 +345,45 @@ def _check_input_names(artifact: ModelArtifact, mapping: Mapping[str, Any] | Non
             raise unknown_name(f"input (in {what})", name, names)
 
 
-def _feeds(artifact: ModelArtifact, ranges: Mapping[str, tuple[float, float]] | None,
-           dims: Mapping[str, int] | None, seed: int) -> dict[str, np.ndarray]:
-    from .runtime import random_inputs
+def _warn(message: str) -> None:
+    import sys
 
-    clean = {k: (float(v[0]), float(v[1])) for k, v in (ranges or {}).items()}
-    return random_inputs(artifact.model, seed=seed, dims=dict(dims or {}), ranges=clean)
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _check_plan(source: ModelArtifact, ranges: Mapping[str, tuple[float, float]] | None,
+                dims: Mapping[str, int] | None, seed: int, check_data: str | os.PathLike[str] | None,
+                known: dict[int, Any]) -> FeedPlan | None:
+    """Inputs the input model runs on (its outputs go to `known`), or None after one warning line."""
+    from .check_feeds import find_feeds, load_check_data, probe
+
+    given = load_check_data(check_data, source.model) if check_data is not None else None
+    plan, outputs, error = find_feeds(source, probe(source), ranges, dims, seed, given)
+    if plan is None or outputs is None:
+        what = f"the inputs in {check_data}" if given is not None else "any generated inputs"
+        _warn(f"numerical check off: the input model does not run on {what} ({error}); structural checks "
+              "only (--check-data FILE.npz gives inputs it runs on)")
+        return None
+    known[id(source)] = (source, plan.feeds(source.model), outputs)
+    return plan
+
+
+def _check_structure(before: ModelArtifact, after: ModelArtifact, pass_name: str) -> None:
+    """Without inputs to run: the result loads in onnxruntime and keeps the outputs' names and types."""
+    from .runtime import output_specs, session
+
+    try:
+        session(after, optimization="disable")
+    except TrtkitError as exc:
+        raise NumericalCheckError(f"pass '{pass_name}' produced a model onnxruntime cannot load: {exc}") from None
+    old = {spec.name: spec for spec in output_specs(before.model)}
+    new = {spec.name: spec for spec in output_specs(after.model)}
+    for name, spec in old.items():
+        if name not in new:
+            raise NumericalCheckError(f"pass '{pass_name}' removed output '{name}'")
+        if new[name].dtype != spec.dtype or (spec.shape and new[name].shape and len(new[name].shape) != len(spec.shape)):
+            raise NumericalCheckError(f"pass '{pass_name}' changed output '{name}' from {spec.dtype} "
+                                      f"{list(spec.shape)} to {new[name].dtype} {list(new[name].shape)}")
 
 
 def _same_feeds(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
@@ -353,7 +407,11 @@ def _run(artifact: ModelArtifact, feeds: dict[str, np.ndarray], pass_name: str, 
         first = first_line(exc)
         if when == "after":
             raise NumericalCheckError(f"pass '{pass_name}' produced a model that fails to run: {first}") from None
-        raise TrtkitError(f"the model before pass '{pass_name}' fails to run on random inputs: {first}") from None
+        raise _BeforeFails(f"the model before pass '{pass_name}' fails to run on the check inputs: {first}") from None
+
+
+class _BeforeFails(TrtkitError):
+    """The model before a pass does not run on the check inputs (only after a pass that changed its inputs)."""
 
 
 def _compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], pass_name: str, rtol: float,
@@ -380,7 +438,11 @@ def _compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], pass_
         if not np.array_equal(finite, np.isfinite(new64)):
             raise NumericalCheckError(f"pass '{pass_name}' changed which values of output '{name}' are finite")
         diff = float(np.max(np.abs(new64[finite] - ref64[finite]))) if finite.any() else 0.0
-        bound = atol + rtol * (float(np.max(np.abs(ref64[finite]))) if finite.any() else 0.0)
+        values = ref64[finite]
+        span = float(values.max() - values.min()) if values.size else 0.0
+        magnitude = float(np.max(np.abs(values))) if values.size else 0.0
+        # relative to what the output spans (a constant output: to its magnitude), plus float round-off
+        bound = atol + rtol * (span or magnitude) + ROUNDOFF_EPS * float(np.finfo(ref.dtype).eps) * magnitude
         if not diff <= bound:
             raise NumericalCheckError(
                 f"pass '{pass_name}' changed output '{name}' by {diff:.3g} (tolerance {bound:.3g})"

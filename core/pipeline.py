@@ -89,7 +89,12 @@ def steps_for(recipe: Recipe) -> list[Step]:
 
     passes = recipe.section("passes") or [{"name": name} for name in DEFAULT_PASSES]
     pass_specs = [[item["name"], item.get("options", {})] for item in passes]
-    steps.append(Step("optimize", {"passes": pass_specs}, needs=[first], action=_optimize))
+    check_data = recipe.section("optimize").get("check_data")
+    if check_data is None:
+        steps.append(Step("optimize", {"passes": pass_specs}, needs=[first], action=_optimize))
+    else:  # the check's inputs are part of what the step depends on
+        steps.append(Step("optimize", {"passes": pass_specs, "check_data": check_data}, needs=[first],
+                          files=[Path(check_data)], action=_optimize))
 
     quantize = recipe.section("quantize")
     calibration = recipe.section("calibration")
@@ -165,7 +170,8 @@ def _optimize(step: Step, results: dict[str, StepResult], folder: Path) -> dict[
     from .optimizing import optimize
 
     passes = [(name, options) for name, options in step.config["passes"]]
-    result = optimize(_upstream_model(step, results), passes, output=folder / "model.onnx", progress=True)
+    result = optimize(_upstream_model(step, results), passes, output=folder / "model.onnx", progress=True,
+                      check_data=step.config.get("check_data"))
     report = result.to_dict()
     (folder / "optimize.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     return {"model": "model.onnx", "report": "optimize.json", "thresholds": result.thresholds}

@@ -35,6 +35,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "name": (str, "graph pass plugin name"),
         "options": (dict, "the pass's options"),
     },
+    "optimize": {
+        "check_data": (Path, "inputs for the passes' numerical check: .npz keyed by input name (default: generated)"),
+    },
     "calibration": {
         "data": (Path, "calibration data: .npy/.npz file or image folder"),
         "method": (str, "calibrator plugin name (default: the default calibrator; `trtkit plugins` lists them)"),

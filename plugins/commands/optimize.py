@@ -61,9 +61,12 @@ def optimize_command(
                                                      "NAME=LOW,HIGH (default -1,1).")] = None,
     dims: Annotated[list[str] | None, typer.Option("--dim", help="Size of a symbolic dimension for the "
                                                    "check, NAME=SIZE (default 1).")] = None,
-    rtol: Annotated[float | None, typer.Option("--rtol", help="Check tolerance relative to max |output| "
-                                               "(default 1e-3).")] = None,
-    atol: Annotated[float | None, typer.Option("--atol", help="Absolute check tolerance (default 1e-4).")]
+    check_data: Annotated[Path | None, typer.Option("--check-data", help="Inputs for the check: a .npz keyed "
+                                                    "by input name (default: generated ones the model runs on).")]
+    = None,
+    rtol: Annotated[float | None, typer.Option("--rtol", help="Check tolerance relative to each output's range "
+                                               "(max - min; default 1e-4).")] = None,
+    atol: Annotated[float | None, typer.Option("--atol", help="Absolute check tolerance (default 1e-6).")]
     = None,
     threshold: Annotated[list[float] | None, typer.Option("--threshold", help="Probability threshold(s) to "
                                                           "convert to logits (with remove-sigmoid).")] = None,
@@ -81,8 +84,8 @@ def optimize_command(
         return
     if model is None or output is None:
         raise OptionError("optimize needs MODEL and -o OUTPUT (or --list to see the passes)")
-    if no_check and (rtol is not None or atol is not None or ranges):
-        raise OptionError("--no-check contradicts --rtol/--atol/--range (they only set the check)")
+    if no_check and (rtol is not None or atol is not None or ranges or check_data is not None):
+        raise OptionError("--no-check contradicts --rtol/--atol/--range/--check-data (they only set the check)")
     selected: list[Any] = list(passes) if passes else default_passes()
     options = parse_options(option)
     if threshold:
@@ -100,7 +103,7 @@ def optimize_command(
     result = optimize(
         model, selected, output=output, check=not no_check, options=options,
         rtol=DEFAULT_RTOL if rtol is None else rtol, atol=DEFAULT_ATOL if atol is None else atol,
-        ranges=_parse_ranges(ranges), dims=_parse_dims(dims), progress=True,
+        ranges=_parse_ranges(ranges), dims=_parse_dims(dims), check_data=check_data, progress=True,
     )
     data = result.to_dict()
     if as_json:

@@ -97,10 +97,14 @@ def _sigmoid_masks(original: ModelArtifact, result: ModelArtifact, seed: int, ve
     """
     import numpy as np
 
-    from trtkit.runtime import random_inputs, run, session
+    from trtkit.check_feeds import runnable_feeds
+    from trtkit.errors import TrtkitError
+    from trtkit.runtime import run, session
 
-    feeds = random_inputs(result.model, seed=seed, low=-3.0, high=3.0)
-    old = run(session(original, optimization="disable"), feeds)
+    try:  # inputs the model runs on (int64 scalars, sizes subgraphs need: see trtkit.check_feeds)
+        feeds, old = runnable_feeds(original, seed=seed, value_range=(-3.0, 3.0))
+    except TrtkitError as exc:
+        raise NumericalCheckError(f"pass 'remove-sigmoid' cannot tell which outputs became logits: {exc}") from None
     new = run(session(result, optimization="disable"), feeds)
     report: dict[str, Any] = {}
     for name, ref in old.items():
