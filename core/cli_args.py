@@ -51,6 +51,8 @@ DataFlag = Annotated[str | None, typer.Option("--data", "-d", help="Samples: .np
 BatchSizeFlag = Annotated[int, typer.Option("--batch-size", "-b", help="Samples per run of the model.")]
 CastFlag = Annotated[bool, typer.Option("--cast", help="Accept integer data for float inputs (cast as is; "
                                          "refused without it).")]
+CastFlag = Annotated[bool, typer.Option("--cast", help="Accept integer data for float inputs (cast as is; "
+                                         "refused without it).")]
 NumSamplesFlag = Annotated[int | None, typer.Option("--num-samples", "-n", help="Use at most this many samples.")]
 PreprocessFlag = Annotated[list[str] | None, typer.Option(
     "--preprocess", "-P", help="Image preprocessing KEY=VALUE: resize, crop, scale, mean, std, channels, layout."

@@ -107,6 +107,8 @@ def steps_for(recipe: Recipe) -> list[Step]:
         config = {key: calibration.get(key) for key in ("method", "options", "batch_size", "limit", "cache",
                                                             "trt_version", "histogram_positions")}
         config.update(data=data, overrides=overrides)
+        if calibration.get("cast"):  # only when set: recipes without it keep their cache keys
+            config["cast"] = True
         config["method"] = settings.calibrator.name
         steps.append(Step("calibrate", config, needs=["optimize"],
                           files=[Path(data)] + ([Path(overrides)] if overrides else []),
@@ -180,7 +182,12 @@ def _optimize(step: Step, results: dict[str, StepResult], folder: Path) -> dict[
 def _calibrate(settings: CalibrationSettings, step: Step, results: dict[str, StepResult], folder: Path
                ) -> dict[str, Any]:
     config = step.config  # the settings were built from the same [calibration] keys (check_components)
-    scales = settings.calibrate(results["optimize"].path("model"), config["data"], output=folder / "scales.json")
+    from .data import load_data
+
+    model = results["optimize"].path("model")
+    source = load_data(config["data"], model, batch_size=settings.batch_size, limit=settings.limit,
+                       preprocess=settings.preprocess, cast=bool(config.get("cast")))
+    scales = settings.calibrate(model, source, output=folder / "scales.json")
     outputs: dict[str, Any] = {"scales": "scales.json", "tensors": len(scales)}
     if config.get("cache"):
         from .trtcache import DEFAULT_TRT_VERSION, write_cache

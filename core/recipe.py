@@ -48,6 +48,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "histogram_positions": (int, "histogram at most this many positions per sample per tensor (0: every value)"),
         "cache": (bool, "also write a TensorRT calibration cache (calibration.cache)"),
         "trt_version": (str, "TensorRT version for the cache header, e.g. 8.6.1 or 10.3.0"),
+        "cast": (bool, "accept integer data for float inputs (cast as is; refused without it)"),
     },
     "quantize": {
         "exclude": (list, "node names kept in float"),

@@ -14,6 +14,7 @@ import typer
 from trtkit import hookimpl
 from trtkit.cli_args import (
     BatchSizeFlag,
+    CastFlag,
     DataFlag,
     JsonFlag,
     NumSamplesFlag,
@@ -40,11 +41,13 @@ def calibrate_command(
     batch_size: BatchSizeFlag = 32,
     num_samples: NumSamplesFlag = None,
     preprocess: PreprocessFlag = None,
+    cast: CastFlag = False,
     histogram_positions: Annotated[int | None, typer.Option("--histogram-positions", help="Histogram at most this many evenly spread positions of each sample of each tensor (min/max stay exact); 0: every value. Default: 4096, every value for entropy.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Run the model over calibration data once and write per-tensor ranges (amax, scale = amax/127)."""
     from trtkit.calibration import CalibrationSettings
+    from trtkit.data import load_data
     from trtkit.fileio import check_output_path
     from trtkit.trtcache import version_number, write_cache
     from trtkit.ui import console
@@ -58,7 +61,9 @@ def calibrate_command(
         version_number(trt_version)  # a bad version fails before any work
     check_output_path(output, model)
     assert data is not None  # typer: a required option
-    stats = settings.collect(model, data)
+    source = load_data(data, model, batch_size=settings.batch_size, limit=settings.limit,
+                       preprocess=settings.preprocess, cast=cast)  # integer data for float inputs: only with --cast
+    stats = settings.collect(model, source)
     scales = settings.scales(stats)
     scales.save(output)
     if cache is not None:
