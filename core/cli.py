@@ -5,7 +5,9 @@ before the command line is parsed, so `--no-plugin NAME` and `--debug` are read 
 command but `plugins` comes from a plugin's `register_commands` hook, the built-in ones (trtkit.plugins.commands)
 exactly like a third party's; `plugins` stays here so that a broken command plugin can still be diagnosed.
 
-Errors a user can fix (TrtkitError, bad usage) print one line and exit 2; a traceback only with --debug.
+Exit codes, one scheme for every command (trtkit.errors, docs/index.md#exit-codes): 0 ok; 1 a check or gate
+failed (CheckFailed) or an internal error; 2 bad input or usage (TrtkitError, click usage errors), one line;
+130 interrupted (Ctrl-C, SIGTERM), one line. A traceback only with --debug.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ except ImportError:  # pragma: no cover - older typer on top of click
 
 from . import __version__
 from .cli_args import JsonFlag
-from .errors import TrtkitError
+from .cpus import configure as configure_threads
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CheckFailed, TrtkitError
 from .fileio import raise_on_sigterm
 from .registry import Registry, load_plugins, set_registry
 from .stages import STAGES
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     raise_on_sigterm()
+    configure_threads()  # before numpy/torch/onnxruntime load: their pools use the CPUs this process may use
     code = 0
     try:
         registry = load_plugins(block=_flag_values(argv, "--no-plugin"))
@@ -151,32 +155,46 @@ def main(argv: list[str] | None = None) -> int:
         returned = command.main(args=argv, prog_name="trtkit", standalone_mode=False)
         if isinstance(returned, int):
             code = returned
+        if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130), returned here
+            print(interrupted_line(argv), file=sys.stderr)
     except typer.Exit as exc:
         code = exc.exit_code
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        code = 130
+    except (typer.Abort, KeyboardInterrupt):
+        print(interrupted_line(argv), file=sys.stderr)
+        code = EXIT_INTERRUPTED
     except ClickException as exc:
         if debug:
             raise
         print(f"error: {exc.format_message()}", file=sys.stderr)
-        code = 2
+        code = EXIT_USAGE
+    except CheckFailed as exc:
+        if debug:
+            raise
+        print(f"FAILED: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        code = EXIT_FAILED
     except TrtkitError as exc:
         if debug:
             raise
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = 130
+        code = EXIT_USAGE
     except Exception as exc:
         if debug:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"error: internal error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)",
               file=sys.stderr)
-        code = 1
+        code = EXIT_FAILED
     sys.exit(code)
+
+
+def interrupted_line(argv: list[str]) -> str:
+    """The one line printed on Ctrl-C / SIGTERM: which command stopped, and that nothing earlier was touched."""
+    values_of = {"--no-plugin"}  # root options that take a value: skip it
+    words = [arg for index, arg in enumerate(argv)
+             if not arg.startswith("-") and (index == 0 or argv[index - 1] not in values_of)]
+    command = words[0] if words else "command"
+    return (f"interrupted: trtkit {command} stopped; no partial file was written and earlier artefacts are "
+            f"intact (exit code {EXIT_INTERRUPTED})")
 
 
 if __name__ == "__main__":

@@ -46,11 +46,25 @@ TaskMetricFlag = Annotated[list[str] | None, typer.Option(
 )]
 
 
+# Threads: every command that runs a model takes it; it applies while the command line is parsed, before
+# numpy, torch or onnxruntime load (trtkit.cpus), so every pool (onnxruntime, BLAS/OpenMP, torch) gets it.
+def _apply_threads(value: int | None) -> int | None:
+    if value is not None:
+        from .cpus import configure
+
+        configure(value)
+    return value
+
+
+ThreadsFlag = Annotated[int | None, typer.Option(
+    "--threads", help="Threads for onnxruntime, BLAS and torch (default: the CPUs this process may use, "
+    "honouring taskset and container limits).", callback=_apply_threads, show_default=False,
+)]
+
+
 # Data: the samples a command runs the model on.
 DataFlag = Annotated[str | None, typer.Option("--data", "-d", help="Samples: .npy, .npz or a folder of images.")]
 BatchSizeFlag = Annotated[int, typer.Option("--batch-size", "-b", help="Samples per run of the model.")]
-CastFlag = Annotated[bool, typer.Option("--cast", help="Accept integer data for float inputs (cast as is; "
-                                         "refused without it).")]
 CastFlag = Annotated[bool, typer.Option("--cast", help="Accept integer data for float inputs (cast as is; "
                                          "refused without it).")]
 NumSamplesFlag = Annotated[int | None, typer.Option("--num-samples", "-n", help="Use at most this many samples.")]

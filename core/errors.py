@@ -1,13 +1,20 @@
-"""The error family the CLI turns into one line and exit code 2.
+"""The error family the CLI turns into one line and an exit code (2, or 1 for a failed check or gate).
 
 Raise these for anything the *user* can fix (a bad file, option, tensor name). Messages are one line and name
 the culprit: the file, the tensor, the option. Anything else escaping is a bug in trtkit or in a plugin.
+
+Exit codes are the same for every command (the constants below; docs/index.md#exit-codes has the table).
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+
+EXIT_OK = 0  # done; every check and gate passed
+EXIT_FAILED = 1  # the command ran, but a check or gate failed (GateError / CheckFailed); or an internal error
+EXIT_USAGE = 2  # bad input or usage: a file, option, name or data the user can fix (any other TrtkitError)
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM; earlier artefacts are intact
 
 
 class TrtkitError(Exception):
@@ -16,6 +23,11 @@ class TrtkitError(Exception):
 
 class InputFileError(TrtkitError):
     """A file given by the user is missing, unreadable, corrupt or of the wrong kind."""
+
+
+class NotApplicable(InputFileError):
+    """An evaluator does not apply to this artefact (e.g. per-layer INT8 error of an FP32 build). A recipe run
+    skips that evaluation with one line and goes on; on the command line it is bad input (exit code 2)."""
 
 
 class OptionError(TrtkitError):
@@ -42,7 +54,11 @@ class BuildError(TrtkitError):
     """A builder could not turn the model into an artefact for its target."""
 
 
-class GateError(TrtkitError):
+class CheckFailed(TrtkitError):
+    """The command ran fine but what it checked did not pass (a gate, a tolerance, a capability check): exit 1."""
+
+
+class GateError(CheckFailed):
     """An accuracy gate failed (the evaluation itself ran fine)."""
 
 

@@ -57,8 +57,30 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+# Folders this process created for its outputs (the top-most missing one each time), for the log line.
+_CREATED_FOLDERS: list[Path] = []
+
+
+def make_folder(folder: Path) -> None:
+    """mkdir -p, remembering the top-most folder that was missing (see `described`)."""
+    if folder.is_dir():
+        return
+    missing = folder
+    while not missing.parent.exists() and missing.parent != missing:
+        missing = missing.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    _CREATED_FOLDERS.append(missing)
+
+
+def described(path: str | os.PathLike[str]) -> str:
+    """`path` for a log line, with ' (created folder F)' when writing it created the missing folder F."""
+    target = Path(path).absolute()
+    created = [f for f in _CREATED_FOLDERS if target == f.absolute() or f.absolute() in target.parents]
+    return f"{path} (created folder {created[0]})" if created else str(path)
+
+
 def _new_temp(target: Path, suffix: str) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
     _LIVE_TEMPS.add(Path(tmp_name))

@@ -222,6 +222,13 @@ def _build(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str
     suffix = default_output(source, config["builder"]).suffix or ".out"
     name = f"model.{config['precision']}{suffix}"
     written = build(source, folder / name, builder=config["builder"], **config["options"])
+    if builder.describe is not None:  # an engine's build warnings (e.g. a batch-1 profile), one line each
+        from .building import describe
+        from .ui import console
+
+        for note in (describe(written) or {}).get("notes", []):
+            if note.startswith("warning: "):
+                console.print(f"         {note}", markup=False)
     extra = sorted(p.name for p in folder.iterdir() if p.name != written.name)  # sidecars, timing caches
     return {"model": written.name, "files": extra}
 
@@ -244,9 +251,17 @@ def _evaluate(step: Step, results: dict[str, StepResult], folder: Path) -> dict[
         runs = [{"label": "all builds", "data": jsonable(result.data), "summary": result.summary,
                  "passed": result.passed}]
     else:
+        from .errors import NotApplicable, first_line
+        from .ui import console
+
         runs = []
         for label, path in candidates:
-            result = evaluate(name, [reference, path], **options)
+            try:
+                result = evaluate(name, [reference, path], **options)
+            except NotApplicable as exc:  # e.g. layers on the FP32 build: skip this one, go on with the rest
+                console.print(f"         {name} skipped for {label}: {first_line(exc)}", markup=False)
+                runs.append({"label": label, "skipped": first_line(exc), "data": {}, "summary": "", "passed": True})
+                continue
             runs.append({"label": label, "data": jsonable(result.data), "summary": result.summary,
                          "passed": result.passed})
     (folder / "result.json").write_text(json.dumps(runs, indent=2, sort_keys=True, default=str) + "\n")
@@ -299,6 +314,8 @@ def _headline(data: dict[str, Any]) -> str:
             sqnr = metrics["sqnr_db"]
             sqnr_text = f"{sqnr:.1f}" if isinstance(sqnr, (int, float)) else str(sqnr)
             parts.append(f"{output} SQNR {sqnr_text} dB, cosine {metrics.get('cosine', float('nan')):.5f}")
+    for failed in data.get("failed") or []:  # artefacts an evaluator could not run (e.g. speed)
+        parts.append(f"{Path(str(failed.get('model'))).name} could not run: {failed.get('error')}")
     for check in data.get("checks") or []:
         verdict = "ok" if check.get("passed") else "FAILED"
         value = check.get("value")
@@ -414,15 +431,19 @@ def report_context(recipe: Recipe, results: dict[str, StepResult], out: Path) ->
         }
     from .registry import get_registry
 
+    skipped_runs: list[str] = []
     for name, result in results.items():
         if not name.startswith("eval:"):
             continue
         evaluator = get_registry().evaluator(name.split(":", 1)[1])
-        data = [run["data"] for run in json.loads(result.path("result").read_text())]
+        runs = json.loads(result.path("result").read_text())
+        data = [run["data"] for run in runs if not run.get("skipped")]
+        skipped_runs.extend(f"{name.removeprefix('eval:')} {run['label']}: skipped ({run['skipped']})"
+                            for run in runs if run.get("skipped"))
         if evaluator.report_section and data:
             context[evaluator.report_section] = data[0] if evaluator.compares == "all" else data
     built = [(n, r.outputs.get("skipped")) for n, r in results.items() if n.startswith("build:")]
-    context["notes"] = [f"{n.removeprefix('build:')}: skipped ({why})" for n, why in built if why]
+    context["notes"] = [f"{n.removeprefix('build:')}: skipped ({why})" for n, why in built if why] + skipped_runs
     return context
 
 
@@ -452,6 +473,12 @@ def run_recipe(path: str | os.PathLike[str], output: str | os.PathLike[str] | No
                log: Callable[[str], None] | None = None) -> RunResult:
     """Run every step of the recipe, reusing cached results whose key is unchanged."""
     recipe = load_recipe(path)
+    threads = recipe.section("run").get("threads")
+    if threads is not None:
+        from .cpus import configure, requested
+
+        if requested() is None:  # --threads on the command line wins (not part of any cache key)
+            configure(threads)
     steps = plan(recipe)
     out = output_folder(recipe, output)
     results = run_steps(steps, out, force=force, log=log)

@@ -81,6 +81,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "output": {
         "dir": (Path, "where artefacts, cache and report go (default: trtkit-run next to the recipe)"),
     },
+    "run": {
+        "threads": (int, "threads for onnxruntime, BLAS and torch (default: the CPUs the process may use; "
+                         "`trtkit run --threads` wins)"),
+    },
 }
 ARRAY_SECTIONS = {"passes", "builders", "evaluators"}
 REQUIRED = {"passes": ("name",), "builders": ("name",), "evaluators": ("name",)}

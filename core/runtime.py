@@ -166,7 +166,9 @@ def _inline_bytes(artifact: ModelArtifact) -> int:
 def session_options(emulate_qdq: bool = True, threads: int | None = None,
                     optimization: str = "all") -> onnxruntime.SessionOptions:
     """onnxruntime SessionOptions: optimization level ("disable", "basic", "extended", "all"), intra-op
-    threads (None: onnxruntime's default), and Q/DQ emulated in float unless `emulate_qdq=False`."""
+    threads (None: trtkit.cpus.threads(), the CPUs this process may use or `--threads`; onnxruntime's own
+    default counts the host's cores, ignoring taskset and container limits), and Q/DQ emulated in float
+    unless `emulate_qdq=False`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -178,8 +180,9 @@ def session_options(emulate_qdq: bool = True, threads: int | None = None,
     }[optimization]
     if emulate_qdq:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
-    if threads:
-        options.intra_op_num_threads = threads
+    from .cpus import threads as default_threads
+
+    options.intra_op_num_threads = threads or default_threads()
     options.log_severity_level = 3
     return options
 

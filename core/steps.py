@@ -92,21 +92,31 @@ def cache_folder(out: Path, step: Step) -> Path:
 
 
 def is_cached(out: Path, step: Step) -> bool:
-    return (cache_folder(out, step) / "step.json").is_file()
+    return _cached_outputs(cache_folder(out, step) / "step.json") is not None
+
+
+def _cached_outputs(marker: Path) -> dict[str, Any] | None:
+    """The outputs recorded for a step, or None when there are none to reuse. A step recorded as skipped
+    (by a trtkit older than this rule) is not reused: a skip is not a result."""
+    if not marker.is_file():
+        return None
+    outputs: dict[str, Any] = json.loads(marker.read_text())["outputs"]
+    return None if outputs.get("skipped") else outputs
 
 
 def run_steps(steps: list[Step], out: Path, force: bool = False,
               log: Callable[[str], None] | None = None) -> dict[str, StepResult]:
     """Run the steps in order under `out`, reusing cached results whose key is unchanged (unless `force`)."""
     log = log or (lambda message: None)
-    out.mkdir(parents=True, exist_ok=True)
+    from .fileio import make_folder
+
+    make_folder(out)  # remembered, so the command can say it created the output folder
     results: dict[str, StepResult] = {}
     for step in steps:
         folder = cache_folder(out, step)
-        marker = folder / "step.json"
-        if marker.is_file() and not force:
-            record = json.loads(marker.read_text())
-            results[step.name] = StepResult(step.name, step.key, folder, record["outputs"], True, 0.0)
+        cached = None if force else _cached_outputs(folder / "step.json")
+        if cached is not None:
+            results[step.name] = StepResult(step.name, step.key, folder, cached, True, 0.0)
             log(f"[cached] {step.name} ({step.key})")
             continue
         log(f"[run]    {step.describe()}")
@@ -121,6 +131,11 @@ def run_steps(steps: list[Step], out: Path, force: bool = False,
             shutil.rmtree(staging, ignore_errors=True)
             raise
         seconds = time.perf_counter() - started
+        if outputs.get("skipped"):  # a skip is not a result: never cached, so it is retried once the reason
+            shutil.rmtree(staging, ignore_errors=True)  # goes away (say, the builder gets installed)
+            results[step.name] = StepResult(step.name, step.key, folder, outputs, False, seconds)
+            log(f"         skipped ({outputs['skipped']}); not cached")
+            continue
         record = {"step": step.name, "key": step.key, "config": step.config, "outputs": outputs}
         (staging / "step.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
         shutil.rmtree(folder, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
@@ -10,8 +11,21 @@ from rich.console import Console
 
 T = TypeVar("T")
 
-console = Console(stderr=True, highlight=False)  # progress, tables for people, warnings
-stdout = Console(highlight=False, soft_wrap=True)  # machine-readable output (JSON) and results
+# Not a terminal (a pipe, a log file, CI) and no COLUMNS: rich would wrap at 80 columns. Lines and tables keep
+# their natural width instead (tables do not expand, so this only lifts the limit).
+UNWRAPPED_WIDTH = 1000
+
+
+def _width(stream: Any) -> int | None:
+    """None (rich asks the terminal, or reads COLUMNS) on a terminal or with COLUMNS set; else no wrapping."""
+    isatty = getattr(stream, "isatty", None)
+    if (isatty is not None and isatty()) or os.environ.get("COLUMNS"):
+        return None
+    return UNWRAPPED_WIDTH
+
+
+console = Console(stderr=True, highlight=False, width=_width(sys.stderr))  # progress, tables, warnings
+stdout = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))  # JSON and results
 
 
 def track(items: Iterable[T], total: int | None = None, description: str = "working") -> Iterator[T]:

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from trtkit import hookimpl
-from trtkit.cli_args import JsonFlag, options_flag, output_flag, parse_options
+from trtkit.cli_args import JsonFlag, ThreadsFlag, options_flag, output_flag, parse_options
 
 HELP_ORDER = 50
 
@@ -24,8 +24,9 @@ def build_command(
                                                "MODEL.<builder>.engine).")] = None,
     option: Annotated[list[str] | None, options_flag("Builder", "`--list-options` shows them")] = None,
     check: Annotated[bool, typer.Option("--check", help="Only report which nodes the builder's parser "
-                                        "supports (no build); exit 1 when some are unsupported.")] = False,
+                                        "supports (no build); exit code 1 when some are unsupported.")] = False,
     list_options: Annotated[bool, typer.Option("--list-options", help="Show the builder's options.")] = False,
+    threads: ThreadsFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Build a runnable artefact: an optimized onnxruntime model or a TensorRT / TensorRT-RTX engine."""
@@ -47,7 +48,9 @@ def build_command(
         else:
             _show_check(report)
         if not report.get("supported"):
-            raise SystemExit(1)  # cli.main drops the code of typer.Exit in standalone_mode=False
+            from trtkit.errors import CheckFailed
+
+            raise CheckFailed(f"{model}: not every node is supported by {component.name} (exit code 1)")
         return
     # TensorRT builds draw their own phase progress bars on a terminal (one rich live display at a time).
     written = build(model, output, builder=component.name, **options)
@@ -57,12 +60,17 @@ def build_command(
     if as_json:
         typer.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
-    console.print(f"[green]built[/green] {written} ({summary['bytes']:,} bytes) with {component.name}")
+    from trtkit.fileio import described
+
+    console.print(f"[green]built[/green] {described(written)} ({summary['bytes']:,} bytes) with {component.name}")
     for key in ("tensorrt", "precision", "profiles", "sidecar", "int8_weights"):
         if summary.get(key):
             console.print(f"  {key}: {_human(key, summary[key])}", markup=False)
     for note in summary.get("notes", []):
-        console.print(f"  [yellow]note:[/yellow] {note}")
+        if note.startswith("warning: "):
+            console.print(f"[yellow]warning:[/yellow] {note.removeprefix('warning: ')}", markup=True)
+        else:
+            console.print(f"  [yellow]note:[/yellow] {note}")
 
 
 def _summary(info: dict[str, Any], written: Path, builder: str) -> dict[str, Any]:

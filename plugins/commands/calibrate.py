@@ -19,6 +19,7 @@ from trtkit.cli_args import (
     JsonFlag,
     NumSamplesFlag,
     PreprocessFlag,
+    ThreadsFlag,
     options_flag,
     output_flag,
     parse_options,
@@ -43,6 +44,7 @@ def calibrate_command(
     preprocess: PreprocessFlag = None,
     cast: CastFlag = False,
     histogram_positions: Annotated[int | None, typer.Option("--histogram-positions", help="Histogram at most this many evenly spread positions of each sample of each tensor (min/max stay exact); 0: every value. Default: 4096, every value for entropy.")] = None,
+    threads: ThreadsFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Run the model over calibration data once and write per-tensor ranges (amax, scale = amax/127)."""
@@ -70,8 +72,10 @@ def calibrate_command(
         check_output_path(cache, model)
         write_cache(scales, cache, trt_version=trt_version)
     if as_json:
-        typer.echo(json.dumps({"output": str(output), "cache": str(cache) if cache else None, **scales.to_dict()},
-                              indent=2, sort_keys=True))
+        from trtkit.calibration import calibration_threads
+
+        typer.echo(json.dumps({"output": str(output), "cache": str(cache) if cache else None,
+                               "threads": calibration_threads(), **scales.to_dict()}, indent=2, sort_keys=True))
         return
     from rich.table import Table
 
@@ -91,7 +95,9 @@ def calibrate_command(
         console.print(f"[yellow]warning:[/yellow] {method} clips more than 1% of the values of {len(heavy)} "
                       f"tensor(s) (most: {heavy[0][1]}, {heavy[0][0]:.1%}); if accuracy suffers, try "
                       "--method percentile or mse, or pin them with --override")
-    console.print(f"wrote {output}" + (f" and {cache}" if cache else ""))
+    from trtkit.fileio import described
+
+    console.print(f"wrote {described(output)}" + (f" and {described(cache)}" if cache else ""))
 
 
 @hookimpl

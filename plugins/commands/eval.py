@@ -12,7 +12,15 @@ from typing import Annotated, Any
 import typer
 
 from trtkit import hookimpl
-from trtkit.cli_args import DataFlag, JsonFlag, TaskMetricFlag, options_flag, output_flag, parse_options
+from trtkit.cli_args import (
+    DataFlag,
+    JsonFlag,
+    TaskMetricFlag,
+    ThreadsFlag,
+    options_flag,
+    output_flag,
+    parse_options,
+)
 
 HELP_ORDER = 60
 
@@ -29,6 +37,7 @@ def eval_command(
                      help="QDQ models on onnxruntime's int8 kernels, or with Q/DQ emulated in float."),
     ] = None,
     task_metric: TaskMetricFlag = None,
+    threads: ThreadsFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Measure artefacts: accuracy (gates: exit code 1 on failure), speed, per-layer error, reports."""
@@ -93,8 +102,11 @@ def show_tables(data: dict[str, Any]) -> bool:
     runs: list[Any] = candidates if isinstance(candidates, list) else [data]
     if all("outputs" in run and "checks" in run for run in runs):
         for run in runs:
-            table = Table(title=f"{Path(str(run['candidate'])).name} vs {Path(str(run['reference'])).name} "
-                                f"({run['mode']}, {run['num_samples']} samples)")
+            # the title on its own line: a table title is wrapped to the table's width, whatever the console's
+            console.print(f"{Path(str(run['candidate'])).name} vs {Path(str(run['reference'])).name} "
+                          f"({run['mode']}, {run['num_samples']} samples)", markup=False, highlight=False,
+                          soft_wrap=True)
+            table = Table()
             for column in ("output", "cosine", "SQNR dB", "max |err|", "mean |err|", "p99 |err|", "max rel"):
                 table.add_column(column, justify="left" if column == "output" else "right")
             for name, m in run["outputs"].items():
@@ -146,6 +158,14 @@ def show_tables(data: dict[str, Any]) -> bool:
             if m.get("unstable"):
                 console.print(f"[yellow]warning:[/yellow] {Path(str(m['model'])).name}: unstable timings "
                               f"(CoV {m['latency']['cov']:.1%}); pin threads (-O threads=N) or run longer", soft_wrap=True)
+            from trtkit.plugins.evaluators.speed import cpu_int8_note
+
+            note = cpu_int8_note(m)
+            if note:
+                console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+        for failed in data.get("failed") or []:  # artefacts that could not run; the others are above
+            console.print(f"FAILED {Path(str(failed['model'])).name}: {failed['error']}", markup=False,
+                          highlight=False, soft_wrap=True)
         return True
     return False
 

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from trtkit import hookimpl
-from trtkit.cli_args import JsonFlag, options_flag, output_flag, parse_options
+from trtkit.cli_args import JsonFlag, ThreadsFlag, options_flag, output_flag, parse_options
 
 HELP_ORDER = 10
 
@@ -49,6 +49,7 @@ def export_command(
     exporter: Annotated[str | None, typer.Option("--with", help="Exporter plugin (default: the default "
                                                  "exporter).")] = None,
     option: Annotated[list[str] | None, options_flag("Exporter")] = None,
+    threads: ThreadsFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Export a trained model to ONNX, check it, and compare onnxruntime with the framework."""
@@ -75,8 +76,10 @@ def export_command(
         typer.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
     diff = summary["max_abs_diff"]
+    from trtkit.fileio import described
+
     console.print(
-        f"[green]exported[/green] {output} ({summary['nodes']} nodes, {summary['exporter']} exporter, "
+        f"[green]exported[/green] {described(output)} ({summary['nodes']} nodes, {summary['exporter']} exporter, "
         f"opset {summary['opset']})"
         + (f"; onnxruntime vs torch max |diff| {diff:.2e}" if diff is not None else "")
     )

@@ -31,7 +31,9 @@ def init_command(
 
         ModelArtifact.load(onnx)  # a missing or damaged model is a one-line error now, not at `trtkit run`
     write_text(output, starter_recipe(onnx=onnx, source=source))
-    typer.echo(f"wrote {output}; check it with: trtkit run {output} --dry-run")
+    from trtkit.fileio import described
+
+    typer.echo(f"wrote {described(output)}; check it with: trtkit run {output} --dry-run")
 
 
 def starter_recipe(onnx: str | None = None, source: str | None = None) -> str:

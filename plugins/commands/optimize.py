@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from trtkit import hookimpl
-from trtkit.cli_args import JsonFlag, options_flag, output_flag, parse_options
+from trtkit.cli_args import JsonFlag, ThreadsFlag, options_flag, output_flag, parse_options
 
 HELP_ORDER = 20
 
@@ -72,6 +72,7 @@ def optimize_command(
                                                           "convert to logits (with remove-sigmoid).")] = None,
     list_passes: Annotated[bool, typer.Option("--list", help="List the available passes and options.")]
     = False,
+    threads: ThreadsFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Rewrite an ONNX graph with passes; each pass is checked numerically; prints a summary table."""
@@ -114,7 +115,9 @@ def optimize_command(
         console.print("* checked by the pass itself against its exact relation (outputs change by design)")
     for name, entry in sorted(result.thresholds.items()):
         stdout.print(f"threshold {name}: probability {entry['probability']:g} -> logit {entry['logit']:.6g}")
-    console.print(f"[green]wrote[/green] {output} ({data['nodes_before']} -> {data['nodes_after']} nodes)")
+    from trtkit.fileio import described
+
+    console.print(f"[green]wrote[/green] {described(output)} ({data['nodes_before']} -> {data['nodes_after']} nodes)")
 
 
 def _list_passes(as_json: bool) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from trtkit import hookimpl
-from trtkit.cli_args import output_flag
+from trtkit.cli_args import JsonFlag, ThreadsFlag, output_flag
 
 HELP_ORDER = 70
 EXAMPLES = ("digits",)
@@ -23,8 +24,12 @@ def run_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and what is cached; run nothing.")]
     = False,
     force: Annotated[bool, typer.Option("--force", help="Ignore cached results.")] = False,
+    threads: ThreadsFlag = None,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Run a recipe: export -> passes -> calibrate -> quantize -> build -> eval -> report, with caching."""
+    """Run a recipe: export -> passes -> calibrate -> quantize -> build -> eval -> report, with caching.
+
+    Exit code 1 when a gate fails, 2 for a bad recipe, 130 when interrupted (earlier steps stay cached)."""
     from trtkit.errors import OptionError
     from trtkit.pipeline import gate_error, output_folder, plan, run_recipe
     from trtkit.recipe import load_recipe
@@ -48,7 +53,13 @@ def run_command(
     if dry_run:
         loaded = load_recipe(recipe)
         out = output_folder(loaded, output)
-        for step in plan(loaded):
+        steps = plan(loaded)
+        if as_json:
+            typer.echo(json.dumps({"recipe": str(loaded.path), "output": str(out), "dry_run": True, "steps": [
+                {"name": step.name, "key": step.key, "cached": is_cached(out, step), "needs": step.needs}
+                for step in steps]}, indent=2))
+            return
+        for step in steps:
             typer.echo(f"{'cached' if is_cached(out, step) else 'run   '}  {step.describe()}  [{step.key}]")
         return
     result = run_recipe(recipe, output=output, force=force,
@@ -58,9 +69,17 @@ def run_command(
                   + (f" ({', '.join(ran)})" if ran else " (everything cached)"))
     for what, ok, text in result.gates:
         console.print(f"{'PASS' if ok else 'FAIL'}  {what}: {text}", markup=False)
-    typer.echo(f"artefacts: {result.output}")
-    if result.report is not None:
-        typer.echo(f"report: {result.report}")
+    if as_json:  # one document on stdout: summary.json plus where things are and the verdict
+        summary = json.loads((result.output / "summary.json").read_text())
+        summary.update(output=str(result.output), report=None if result.report is None else str(result.report),
+                       passed=result.passed)
+        typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        from trtkit.fileio import described
+
+        typer.echo(f"artefacts: {described(result.output)}")
+        if result.report is not None:
+            typer.echo(f"report: {result.report}")
     error = gate_error(result)
     if error is not None:
         raise error

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from trtkit import metrics
-from trtkit.errors import DataError, InputFileError, OptionError, unknown_name
+from trtkit.errors import DataError, NotApplicable, OptionError, unknown_name
 from trtkit.evaluation import check_same_inputs, load_batches, open_model, run_batches
 from trtkit.model import ModelArtifact
 from trtkit.stages import EvaluationResult
@@ -32,7 +32,7 @@ def evaluate_layers(models: list[str], data: str | None, num_samples: int, batch
     reference, candidate = models
     for path in models:
         if not str(path).endswith(".onnx"):
-            raise InputFileError(f"{path}: layers works on ONNX models (per-layer debugging needs the graph)")
+            raise NotApplicable(f"{path}: layers works on ONNX models (per-layer debugging needs the graph)")
     if target_sqnr is not None and target_cosine is not None:
         raise OptionError("give one search target: target_sqnr or target_cosine, not both")
     ref_art, cand_art = ModelArtifact.load(reference), ModelArtifact.load(candidate)
@@ -50,7 +50,7 @@ def evaluate_layers(models: list[str], data: str | None, num_samples: int, batch
 
     layers = quantized_layers(cand_art.model)
     if not layers:
-        raise InputFileError(f"{candidate}: no quantized layer (no node reads a DequantizeLinear output)")
+        raise NotApplicable(f"{candidate}: no quantized layer (no node reads a DequantizeLinear output)")
 
     tensors = _tensor_errors(ref_art, cand_art, batches)
     ref_out = run_batches(ref_runner, batches, "reference")[judged]

@@ -163,6 +163,12 @@ def _speed_sections(data: Mapping[str, Any]) -> list[dict[str, Any]]:
                      item.get("throughput_qps"), item.get("speedup")])
     columns = ["model", "mode", "median ms", "mean ms", "p90 ms", "p99 ms", "CoV", "qps", "speedup"]
     sections = [_table("Speed", columns, rows)]
+    from .speed import cpu_int8_note  # why an INT8 model is slow on onnxruntime's CPU kernels, one line each
+
+    speed_notes = [note for note in map(cpu_int8_note, data.get("models", [])) if note]
+    speed_notes += [f"{Path(str(f['model'])).name} could not run: {f['error']}" for f in data.get("failed", [])]
+    if speed_notes:
+        sections.append({"kind": "notes", "title": "Speed notes", "items": speed_notes})
     if rows:
         sections.append(_image("Latency (median, with p90-p99 whiskers)", _speed_png(data)))
     return sections

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from trtkit import metrics
-from trtkit.errors import DataError, OptionError
+from trtkit.errors import DataError, OptionError, first_line
 from trtkit.evaluation import load_batches, open_model, run_mode
 from trtkit.stages import EvaluationResult
 
@@ -27,13 +27,31 @@ def evaluate_speed(models: list[str], data: str | None, batch_size: int, warmup_
                    max_cov: float, on_iteration: Any = None) -> EvaluationResult:
     if warmup_ms < 0 or duration_s <= 0 or iterations < 0 or min_iterations < 1:
         raise OptionError("speed: warmup_ms >= 0, duration_s > 0, iterations >= 0 and min_iterations >= 1")
-    rows = [benchmark(path, data, batch_size, warmup_ms, duration_s, iterations, min_iterations, threads,
-                      runtime_kernels, max_cov, on_iteration) for path in models]
+    # An artefact that cannot run (cannot be loaded here, fails on the data) is reported with its reason and
+    # fails the evaluation; the others are still measured. Only when none can run is it an error.
+    rows: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    first_error: Exception | None = None
+    for path in models:
+        try:
+            rows.append(benchmark(path, data, batch_size, warmup_ms, duration_s, iterations, min_iterations,
+                                  threads, runtime_kernels, max_cov, on_iteration))
+        except Exception as exc:  # noqa: BLE001 - any failure of one artefact: reported, the rest go on
+            first_error = first_error or exc
+            failed.append({"model": path, "error": first_line(exc)})
+    if not rows:
+        assert first_error is not None
+        raise first_error
     base = rows[0]["latency"]["median_ms"]
     for row in rows:
         row["speedup"] = base / row["latency"]["median_ms"] if row["latency"]["median_ms"] > 0 else float("nan")
-    data_out = {"models": rows, "batch_size": batch_size, "unstable": any(r["unstable"] for r in rows)}
-    return EvaluationResult(data=data_out, summary=summary_table(rows), passed=True)
+    data_out: dict[str, Any] = {"models": rows, "batch_size": batch_size,
+                                "unstable": any(r["unstable"] for r in rows)}
+    summary = summary_table(rows)
+    if failed:
+        data_out["failed"] = failed
+        summary += "".join(f"\nFAILED {Path(f['model']).name}: {f['error']}" for f in failed)
+    return EvaluationResult(data=data_out, summary=summary, passed=not failed)
 
 
 def benchmark(path: str, data: str | None, batch_size: int, warmup_ms: float, duration_s: float,
@@ -88,7 +106,47 @@ def benchmark(path: str, data: str | None, batch_size: int, warmup_ms: float, du
         compute = row["split"].get("compute_ms", {}).get("median_ms")
         # trtexec's hint: when copies take longer than the compute, the run is transfer-bound.
         row["transfer_bound"] = bool(compute is not None and copies > compute)
+    if row["mode"] == "onnxruntime int8 kernels":
+        row["cpu_int8"] = cpu_int8_layers(path)
     return row
+
+
+# What onnxruntime's CPU EP runs after its graph optimizations: int8 kernels (its QDQ fusions turned
+# DQ -> op -> Q into one) or float ones (a Q/DQ placed for TensorRT, which has no Q after many ops, is left
+# as DequantizeLinear in front of a float Conv/MatMul: slower than FP32, while TensorRT fuses it into int8).
+INT8_COMPUTE = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "MatMulIntegerToFloat",
+                "DynamicQuantizeMatMul"}
+FLOAT_COMPUTE = {"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "ConvTranspose"}
+CPU_INT8_NOTE = ("CPU speed of a TensorRT-placed QDQ model is not what TensorRT will give: onnxruntime's CPU "
+                 "kernels fuse only DequantizeLinear -> op -> QuantizeLinear, so {float} of {total} Conv/MatMul "
+                 "layers of {name} run in float behind Q/DQ")
+
+
+def cpu_int8_layers(path: str) -> dict[str, int]:
+    """{"int8": n, "float": m}: compute layers onnxruntime's CPU EP runs in int8 / float after optimizing."""
+    import tempfile
+
+    import onnx
+
+    from trtkit.runtime import session_options
+
+    options = session_options(emulate_qdq=False)
+    with tempfile.TemporaryDirectory(prefix="trtkit-ort-") as folder:
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        import onnxruntime as ort
+
+        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        ops = [node.op_type for node in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node]
+    return {"int8": sum(op in INT8_COMPUTE for op in ops), "float": sum(op in FLOAT_COMPUTE for op in ops)}
+
+
+def cpu_int8_note(row: dict[str, Any]) -> str | None:
+    """The one line that explains a slow INT8 model on onnxruntime's CPU kernels, or None."""
+    layers = row.get("cpu_int8")
+    if not layers or not layers["float"]:
+        return None
+    return CPU_INT8_NOTE.format(float=layers["float"], total=layers["float"] + layers["int8"],
+                                name=Path(row["model"]).name)
 
 
 def _feeds(path: str, data: str | None, batch_size: int, runner: Any) -> dict[str, np.ndarray]:
@@ -117,6 +175,9 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"    {key}: median {value['median_ms']:.3f} ms, mean {value['mean_ms']:.3f} ms")
     lines.append("latencies in ms, batch " + ", ".join(sorted({str(r["batch"]) for r in rows})))
     for row in rows:
+        note = cpu_int8_note(row)
+        if note:
+            lines.append(f"note: {note}")
         if row.get("transfer_bound"):
             lines.append(f"warning: {Path(row['model']).name}: transfer-bound (H2D + D2H copies take longer than the "
                          "compute); keep data on the device or batch more")

@@ -82,7 +82,8 @@ def build_engine(builder_name: str, model: str | os.PathLike[str], output: str |
     for flag in flags:
         config.set_flag(getattr(module.BuilderFlag, flag))
 
-    profiles = make_profiles(network, options)
+    profile_notes: list[str] = []
+    profiles = make_profiles(network, options, profile_notes)
     for entry in profiles:
         profile = builder.create_optimization_profile()
         for name, shapes in entry.items():
@@ -110,7 +111,7 @@ def build_engine(builder_name: str, model: str | os.PathLike[str], output: str |
             config.set_flag(module.BuilderFlag.GPU_FALLBACK)
 
     calibrator = None
-    notes: list[str] = []
+    notes: list[str] = list(profile_notes)
     calibration: dict[str, Any] | None = None
     cache_path = Path(options["calibration_cache"]) if options.get("calibration_cache") else None
     if options.get("calibration_data"):

@@ -35,8 +35,11 @@ def int_dims(shape: Any) -> list[int]:
     return [int(d) for d in shape]
 
 
-def make_profiles(network: trt.INetworkDefinition, options: Mapping[str, Any]) -> list[dict[str, dict[str, list[int]]]]:
-    """One profile {input: {min, opt, max}} covering every input with dynamic dims ([] when all are static)."""
+def make_profiles(network: trt.INetworkDefinition, options: Mapping[str, Any],
+                  notes: list[str] | None = None) -> list[dict[str, dict[str, list[int]]]]:
+    """One profile {input: {min, opt, max}} covering every input with dynamic dims ([] when all are static).
+
+    A dynamic batch with no shapes and max_batch 1 (the default) gets batch 1 only: said in `notes` (one line per input)."""
     mins = parse_shapes(options.get("min_shapes"), "min_shapes")
     opts = parse_shapes(options.get("opt_shapes"), "opt_shapes")
     maxs = parse_shapes(options.get("max_shapes"), "max_shapes")
@@ -65,6 +68,10 @@ def make_profiles(network: trt.INetworkDefinition, options: Mapping[str, Any]) -
                     dims.append(d)
                 elif axis == 0:
                     dims.append(1 if kind == "min" else max_batch)
+                    if kind == "max" and notes is not None and max_batch == 1:
+                        notes.append(f"warning: input '{name}' has a dynamic batch but no shapes were given: the "
+                                     f"engine runs batch 1 only (set -O max_batch=N, or -O min_shapes/opt_shapes/"
+                                     f"max_shapes={name}:...)")
                 else:
                     example = "x".join(str(x if x > 0 else 1) for x in shape)
                     raise OptionError(
