@@ -40,7 +40,7 @@ def test_duration_and_min_iterations(pair):
     fp32, _ = pair
     result = trtkit.evaluate("speed", [fp32], duration_s=0.2, warmup_ms=0.0, min_iterations=5)
     row = result.data["models"][0]
-    assert row["total_s"] >= 0.2 and row["iterations"] >= 5
+    assert row["total_s"] >= 0.2 * (1 - 1e-9) and row["iterations"] >= 5  # the loop runs until 0.2 s (float slack)
     with pytest.raises(OptionError):
         trtkit.evaluate("speed", [fp32], duration_s=0.0)
 

@@ -115,6 +115,11 @@ def test_profile_aligns_samples_and_reports_energy(tmp_path, fake_tegrastats):
     assert jetson["mean_power_w"] == pytest.approx(7.208)
     assert jetson["energy_j"] == pytest.approx(7.208 * jetson["window_s"], rel=1e-6)
     assert jetson["energy_per_inference_mj"] == pytest.approx(1000 * jetson["energy_j"] / row["iterations"])
-    assert jetson["window_s"] >= 0.5 and jetson["samples_in_run"] >= 5
+    # Relations that hold however loaded the machine is (no wall-clock threshold: a busy machine once gave a
+    # window of 0.4999995 s for duration_s=0.5): the window spans every timed iteration and lies inside the
+    # benchmark's own wall time, and a run that caught fewer than 2 samples says so.
+    iterations_s = row["latency"]["mean_ms"] * row["iterations"] / 1000
+    assert iterations_s * (1 - 1e-9) <= jetson["window_s"] <= row["total_s"]
+    assert (jetson["samples_in_run"] < 2) == ("warning" in jetson)
     assert jetson["summary"]["power_source"] == "VDD_IN"
     assert "mJ/inference" in result.stderr
