@@ -385,7 +385,7 @@ def publish(recipe: Recipe, results: dict[str, StepResult], gates: list[tuple[st
         return None
     from .evaluation import write_report
 
-    html, _ = write_report(out / "report.html", report_context(recipe, results, out))
+    html, _ = write_report(out / "report.html", report_context(recipe, results, out, gates))
     return html
 
 

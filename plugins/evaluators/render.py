@@ -41,6 +41,8 @@ def write_report(path: str | os.PathLike[str], context: Mapping[str, Any]) -> tu
       "method": str}} - activation |x| histograms with the chosen clipping threshold (amax).
     - "tables": extra tables, list of {"title": str, "columns": [str], "rows": [[cell]]}.
     - "notes": list of str.
+    - "verdict": {"passed": bool, "sentence": str, "columns": [str], "rows": [[cell]]}: shown first (the recipe
+      run fills it from its gates, builds, accuracy and speed results: `trtkit.pipeline.verdict`).
 
     The output is deterministic (no timestamps; PNG metadata stripped).
     """
@@ -84,6 +86,11 @@ def _image(title: str, png: bytes) -> dict[str, Any]:
 
 def _report_sections(context: Mapping[str, Any]) -> list[dict[str, Any]]:
     sections: list[dict[str, Any]] = []
+    verdict = context.get("verdict")
+    if verdict:  # first thing on the page: pass/fail, precision per artefact, headline metric and speed-up
+        sections.append({"kind": "notes", "title": "Verdict", "items": [str(verdict["sentence"])]})
+        if verdict.get("rows"):
+            sections.append(_table("Artefacts", list(verdict["columns"]), [list(r) for r in verdict["rows"]]))
     if context.get("models"):
         sections.append(_table("Models", ["name", "role", "path"],
                                [[m.get("name", ""), m.get("role", ""), m.get("path", "")] for m in context["models"]]))
@@ -170,7 +177,7 @@ def _speed_sections(data: Mapping[str, Any]) -> list[dict[str, Any]]:
     if speed_notes:
         sections.append({"kind": "notes", "title": "Speed notes", "items": speed_notes})
     if rows:
-        sections.append(_image("Latency (median, with p90-p99 whiskers)", _speed_png(data)))
+        sections.append(_image("Latency (median bars, p90-p99 whiskers; log scale)", _speed_png(data)))
     return sections
 
 
@@ -244,7 +251,8 @@ def _speed_png(data: Mapping[str, Any]) -> bytes:
     ax.errorbar(p90, y, xerr=[np.zeros_like(p90), p99 - p90], fmt="|", color="k")
     ax.set_yticks(y)
     ax.set_yticklabels(names, fontsize=8)
-    ax.set_xlabel("latency (ms)")
+    ax.set_xscale("log")  # a p99 tail many times the median would otherwise flatten every bar
+    ax.set_xlabel("latency (ms, log scale)")
     fig.tight_layout()
     return _png(fig)
 
