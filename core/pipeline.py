@@ -389,7 +389,8 @@ def publish(recipe: Recipe, results: dict[str, StepResult], gates: list[tuple[st
     return html
 
 
-def report_context(recipe: Recipe, results: dict[str, StepResult], out: Path) -> dict[str, Any]:
+def report_context(recipe: Recipe, results: dict[str, StepResult], out: Path,
+                   gates: list[tuple[str, bool, str]] | None = None) -> dict[str, Any]:
     """The report's context (schema in trtkit.evaluation.write_report) from the step results."""
     from .evaluation import graph_stats
 
@@ -403,6 +404,15 @@ def report_context(recipe: Recipe, results: dict[str, StepResult], out: Path) ->
             models.append({"name": label, "path": str(out / published),
                            "role": "reference" if step == "optimize" else "candidate"})
             graph[label] = graph_stats(path)
+    for name, result in results.items():  # every built artefact, and the ones skipped with their reason
+        if name.startswith("build:"):
+            _, builder, precision = name.split(":")
+            if "model" in result.outputs:
+                models.append({"name": f"{builder} {precision.upper()}", "role": "build",
+                               "path": str(out / "builds" / builder / result.outputs["model"])})
+            elif result.outputs.get("skipped"):
+                models.append({"name": f"{builder} {precision.upper()}", "role": "not built",
+                               "path": f"skipped: {result.outputs['skipped']}"})
     first = "export" if "export" in results else "model"
     graph = {"input": graph_stats(results[first].path("model")), **graph}
     context.update(models=models, graph=graph)
@@ -425,8 +435,9 @@ def report_context(recipe: Recipe, results: dict[str, StepResult], out: Path) ->
     if "calibrate" in results:
         scales = json.loads(results["calibrate"].path("scales").read_text())
         tensors = scales.get("tensors", {})
-        context["calibration"] = {
-            "method": scales.get("method"), "num_samples": scales.get("num_samples"),
+        context["calibration"] = {  # every label from what was recorded (scales.json), not from defaults
+            "method": scales.get("method"),
+            "num_samples": scales.get("num_samples") or (scales.get("data") or {}).get("samples"),
             "scales": {name: entry["scale"] if isinstance(entry, dict) else entry for name, entry in tensors.items()},
         }
     from .registry import get_registry
@@ -444,7 +455,55 @@ def report_context(recipe: Recipe, results: dict[str, StepResult], out: Path) ->
             context[evaluator.report_section] = data[0] if evaluator.compares == "all" else data
     built = [(n, r.outputs.get("skipped")) for n, r in results.items() if n.startswith("build:")]
     context["notes"] = [f"{n.removeprefix('build:')}: skipped ({why})" for n, why in built if why] + skipped_runs
+    context["verdict"] = verdict(results, gates or [])
     return context
+
+
+def verdict(results: dict[str, StepResult], gates: list[tuple[str, bool, str]]) -> dict[str, Any]:
+    """What the report opens with: pass/fail against the gates, and per built artefact its precision, the
+    headline metric (task top-1, else agreement / SQNR vs FP32) and its speed-up over FP32."""
+    accuracy: dict[str, dict[str, Any]] = {}
+    speedups: dict[str, float] = {}
+    for name, result in results.items():
+        if not name.startswith("eval:"):
+            continue
+        for run in json.loads(result.path("result").read_text()):
+            data = run.get("data") or {}
+            if "outputs" in data and run["label"] not in accuracy:
+                accuracy[run["label"]] = data
+            for row in data.get("models") or []:  # speed: one row per build, in build order
+                if "speedup" in row:
+                    speedups[str(row["model"])] = float(row["speedup"])
+    rows = []
+    for name, result in results.items():
+        if not name.startswith("build:") or "model" not in result.outputs:
+            continue
+        label = name.removeprefix("build:")
+        _, precision = label.split(":")
+        data = accuracy.get(label, {})
+        task = data.get("task") or {}
+        if "candidate_top1" in task:
+            metric = f"top-1 {task['candidate_top1']:.4f} (FP32 {task['reference_top1']:.4f})"
+        elif "agreement" in task:
+            metric = f"top-1 agreement with FP32 {task['agreement']:.4f}"
+        else:
+            sqnr = [m.get("sqnr_db") for m in (data.get("outputs") or {}).values() if isinstance(m, dict)]
+            metric = f"SQNR {min(sqnr):.1f} dB vs FP32" if sqnr and all(isinstance(s, (int, float)) for s in sqnr) \
+                else "not measured"
+        speedup = speedups.get(str(result.path("model")))
+        rows.append([label, precision.upper(), metric, "not measured" if speedup is None else f"{speedup:.2f}x"])
+    failed = [what for what, ok, _ in gates if not ok]
+    if not gates:
+        head = "NO GATES: nothing was judged"
+    elif failed:
+        head = f"FAIL: {len(failed)} of {len(gates)} gate(s) not met ({'; '.join(failed)})"
+    else:
+        head = f"PASS: all {len(gates)} gate(s) met"
+    best = [row for row in rows if row[1] != "FP32"]
+    if best:
+        head += f". {best[0][0]}: {best[0][2]}, speed-up {best[0][3]} over FP32"
+    return {"passed": not failed, "sentence": head, "columns": ["artefact", "precision", "headline metric",
+                                                               "speed-up vs FP32"], "rows": rows}
 
 
 # ---- run -----------------------------------------------------------------------------------------------
