@@ -2,7 +2,8 @@
 
     from trtkit import qat
 
-    qmodel = qat.quantize_model(model)                        # copy: BN folded, Conv/Linear wrapped
+    qmodel = qat.quantize_model(model)                        # copy: BN folded, Conv/Linear wrapped, on
+                                                              # device= (default: CUDA when available)
     qat.calibrate(qmodel, batches, method="entropy")          # activation amax from trtkit's calibrators
     qat.finetune(qmodel, x_train, y_train, epochs=2)          # a few epochs, straight-through estimator
     qat.export_onnx(qmodel, "model.qdq.onnx", example)        # QuantizeLinear/DequantizeLinear ONNX
@@ -18,6 +19,11 @@ model and replaces Conv/Linear modules of the copy by small wrappers (`QuantConv
 `FakeQuantizer` for the input and one for the weight. The fake quantizer's gradient is the straight-through
 estimator (identity inside [-amax, amax], zero outside); with `learn_amax=True`, amax is a parameter trained
 through the clipping gradient (as in PACT / pytorch-quantization's learned amax).
+
+Devices: `quantize_model(device=...)` puts the copy on a device (default: CUDA when available, else the CPU);
+calibrate, finetune and evaluate feed each batch to the model's device (inputs may be numpy or tensors on any
+device), amax tensors live with the model, and export_onnx exports from the CPU (the model is moved back
+after), so the ONNX file is the same whichever device trained it.
 
 torch is imported inside functions only for the module-level API; the module classes are created on first
 use (so `import trtkit.qat` stays cheap and works without torch installed).
@@ -122,8 +128,11 @@ def _classes() -> dict[str, Any]:
             self.export_mode = False
             self.collector: Callable[[torch.Tensor], None] | None = None
 
-        def set_amax(self, amax: Any) -> None:
-            value = torch.as_tensor(amax, dtype=torch.float32).detach().clone()
+        def set_amax(self, amax: Any, device: Any = None) -> None:
+            """amax as a tensor on `device` (default: where amax is now, or where the given tensor is)."""
+            if device is None and isinstance(self.amax, torch.Tensor) and not isinstance(amax, torch.Tensor):
+                device = self.amax.device
+            value = torch.as_tensor(amax, dtype=torch.float32, device=device).detach().clone()
             if value.numel() and not bool(torch.all(value > 0)):
                 value = torch.clamp(value, min=1e-8)
             if "amax" in self._parameters:
@@ -153,12 +162,13 @@ def _classes() -> dict[str, Any]:
                 return x
             if self.export_mode:  # constants only, so the exported graph is plain Q/DQ on constants
                 amax = np.asarray(np.maximum(np.abs(self.amax.detach().cpu().numpy()), 1e-8), dtype=np.float32)
-                scale = torch.from_numpy(np.asarray(amax / np.float32(127.0), dtype=np.float32))
+                scale = torch.from_numpy(np.asarray(amax / np.float32(127.0), dtype=np.float32)).to(x.device)
                 if self.weight:  # clamp so that stored int8 weights stay in [-127, 127]
                     shape = [1] * x.dim()
                     shape[self.axis or 0] = -1
                     bound = amax.reshape(shape) if amax.ndim else amax
-                    x = torch.from_numpy(np.clip(x.detach().cpu().numpy(), -bound, bound).astype(np.float32))
+                    x = torch.from_numpy(np.clip(x.detach().cpu().numpy(), -bound, bound).astype(np.float32)
+                                         ).to(x.device)
                 return QDQExportFunction.apply(x, scale, self.axis if self.axis is not None else 1,
                                                self.qmin, self.qmax)
             return FakeQuantFunction.apply(x, self._shaped_amax(x), self.qmin, self.qmax)
@@ -260,8 +270,24 @@ def fold_batchnorm(model: Any) -> int:
     return folded
 
 
+def default_device() -> str:
+    """"cuda" when torch sees a GPU, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_device(model: Any) -> Any:
+    """The device of the model's first parameter or buffer (the CPU for a model with neither)."""
+    import torch
+
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def quantize_model(model: Any, fold_bn: bool = True, learn_amax: bool = False,
-                   exclude: Iterable[str] = (), min_channels: int = 1) -> Any:
+                   exclude: Iterable[str] = (), min_channels: int = 1, device: Any = None) -> Any:
     """A deep copy of `model` with Conv/Linear modules wrapped by fake-quantizing versions.
 
     fold_bn: fold Conv->BatchNorm pairs of nn.Sequential containers first (what TensorRT does before
@@ -270,6 +296,7 @@ def quantize_model(model: Any, fold_bn: bool = True, learn_amax: bool = False,
     exclude: qualified module names (as in model.named_modules()) left in float; unknown names are errors.
     min_channels: leave Conv/Linear layers with fewer input channels than this in float (the first layer
       always quantizes).
+    device: where the copy lives ("cuda", "cpu", a torch.device; default: CUDA when available, else the CPU).
     Weight quantizers start from the per-channel max |w|; activation quantizers are uncalibrated (identity)
     until `calibrate` or `set_amax`.
     """
@@ -303,7 +330,7 @@ def quantize_model(model: Any, fold_bn: bool = True, learn_amax: bool = False,
         parent._modules[child] = wrapper
     if not targets:
         raise OptionError("quantize_model: the model has no Conv or Linear layer to quantize")
-    return result
+    return result.to(device if device is not None else default_device())
 
 
 # ---- calibration -----------------------------------------------------------------------------------------
@@ -316,13 +343,16 @@ def _to_tensor(value: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(value))
 
 
-def _model_inputs(batch: Any) -> tuple[Any, ...]:
-    """A batch is an array/tensor, a tuple/list (inputs first) or a mapping of input name -> array."""
+def _model_inputs(batch: Any, device: Any = None) -> tuple[Any, ...]:
+    """A batch is an array/tensor, a tuple/list (inputs first) or a mapping of input name -> array; the
+    tensors go to `device` (the model's)."""
     if isinstance(batch, Mapping):
-        return tuple(_to_tensor(v) for v in batch.values())
-    if isinstance(batch, (tuple, list)):
-        return (_to_tensor(batch[0]),)
-    return (_to_tensor(batch),)
+        values = list(batch.values())
+    elif isinstance(batch, (tuple, list)):
+        values = [batch[0]]
+    else:
+        values = [batch]
+    return tuple(_to_tensor(v).to(device) if device is not None else _to_tensor(v) for v in values)
 
 
 def calibrate(qmodel: Any, batches: Iterable[Any], method: str | Callable[..., float] = "entropy",
@@ -357,9 +387,10 @@ def calibrate(qmodel: Any, batches: Iterable[Any], method: str | Callable[..., f
             quantizer.collecting = True
             quantizer.enabled = False
             quantizer.collector = _collector(stats, name, TensorStats)
+        device = model_device(qmodel)
         with torch.no_grad():
             for batch in batches:
-                qmodel(*_model_inputs(batch))
+                qmodel(*_model_inputs(batch, device))
                 seen += 1
     finally:
         for quantizer in active.values():
@@ -374,7 +405,7 @@ def calibrate(qmodel: Any, batches: Iterable[Any], method: str | Callable[..., f
         if name not in stats:
             continue  # never reached by the data: stays uncalibrated (float)
         amax = float(compute_amax(stats[name], **resolved))
-        quantizer.set_amax(max(amax, 1e-8))
+        quantizer.set_amax(max(amax, 1e-8), device=model_device(qmodel))
         result[name] = amax
     if weights:
         for name, quantizer in quantizers(qmodel).items():
@@ -393,7 +424,7 @@ def set_amax(qmodel: Any, amax: Mapping[str, float]) -> None:
     for name, value in amax.items():
         if name not in found:
             raise unknown_name("quantizer", name, found)
-        found[name].set_amax(float(value))
+        found[name].set_amax(float(value), device=model_device(qmodel))
 
 
 def _collector(stats: dict[str, Any], name: str, stats_class: Any) -> Callable[[Any], None]:
@@ -417,12 +448,14 @@ def finetune(
     seed: int = 0,
     amax_lr: float | None = None,
     weight_decay: float = 0.0,
+    device: Any = None,
 ) -> list[float]:
     """Short QAT fine-tuning with Adam (in place); returns the mean loss of every epoch.
 
     inputs/targets: arrays or tensors (cross-entropy on class indices by default; pass `loss` otherwise).
     amax_lr: learning rate of learned amax parameters (default 10 x lr). To recover from badly calibrated
       ranges (too small by several times), use lr around 1e-3 so amax can move far enough in a few epochs.
+    device: move the model there first (default: leave it where it is); batches go to the model's device.
     Deterministic for a given seed on the CPU.
     """
     import torch
@@ -433,6 +466,9 @@ def finetune(
     if len(x) != len(y):
         raise DataError(f"finetune: {len(x)} inputs but {len(y)} targets")
     loss = loss or torch.nn.functional.cross_entropy
+    if device is not None:
+        qmodel.to(device)
+    where = model_device(qmodel)
     amax_params = [p for n, p in qmodel.named_parameters() if n.endswith(".amax")]
     ids = {id(p) for p in amax_params}
     others = [p for p in qmodel.parameters() if id(p) not in ids and p.requires_grad]
@@ -448,7 +484,7 @@ def finetune(
             total, count = 0.0, 0
             for index in torch.randperm(len(x), generator=generator).split(batch_size):
                 optimizer.zero_grad()
-                value = loss(qmodel(x[index]), y[index])
+                value = loss(qmodel(x[index].to(where)), y[index].to(where))
                 value.backward()
                 optimizer.step()
                 with torch.no_grad():  # keep learned ranges positive (the sign is meaningless)
@@ -489,6 +525,9 @@ def export_onnx(
         raise OptionError("export_onnx: the model has no fake quantizers (use quantize_model first)")
     path = Path(output)
     was_training = qmodel.training
+    device = model_device(qmodel)
+    qmodel.cpu()  # export from the CPU: the same file whichever device trained the model
+    example = tuple(e.detach().cpu() for e in example)
     qmodel.eval()
     for quantizer in found.values():
         quantizer.export_mode = True
@@ -511,6 +550,7 @@ def export_onnx(
         for quantizer in found.values():
             quantizer.export_mode = False
         qmodel.train(was_training)
+        qmodel.to(device)
     calibrated = sum(1 for q in found.values() if q.amax is not None)
     artifact.metadata.setdefault("qat", {}).update({
         "quantizers": calibrated,
@@ -588,12 +628,13 @@ def evaluate(model: Any, inputs: Any, labels: Any, batch_size: int = 256) -> flo
     import numpy as np
     import torch
 
-    x, y = _to_tensor(inputs), np.asarray(labels)
+    x, y = _to_tensor(inputs), as_numpy(labels)
     model.eval()
+    device = model_device(model)
     outputs = []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            outputs.append(model(x[start:start + batch_size]).numpy())
+            outputs.append(model(x[start:start + batch_size].to(device)).cpu().numpy())
     return float((np.concatenate(outputs).argmax(axis=1) == y).mean())
 
 
