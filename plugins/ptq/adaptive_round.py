@@ -165,6 +165,26 @@ def _rows(layer: _Layer, x: np.ndarray, positions: int, seed: int) -> np.ndarray
     return patches.reshape(batch * count, groups, -1).transpose(1, 0, 2)
 
 
+def _gram(rows: np.ndarray, bias_column: bool) -> np.ndarray:
+    """X^T X of rows [G, P, K] in float64, with a column of ones appended to X when `bias_column`."""
+    import numpy as np
+
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    # Both operands contiguous: numpy's matmul then calls BLAS (a transposed view takes its slow loop). Float32
+    # products over one batch, summed in float64 across batches.
+    gram = (np.ascontiguousarray(np.swapaxes(rows, 1, 2)) @ rows).astype(np.float64)
+    if not bias_column:
+        return gram
+    groups, count, columns = rows.shape
+    sums = rows.sum(axis=1, dtype=np.float64)  # X^T 1
+    full = np.empty((groups, columns + 1, columns + 1))
+    full[:, :columns, :columns] = gram
+    full[:, :columns, columns] = sums
+    full[:, columns, :columns] = sums
+    full[:, columns, columns] = count
+    return full
+
+
 def round_columns(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, float_tail: int = 0,
                   damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """Round weight [G, R, K] to int8 codes against hessian [G, K, K] (= X^T X) with per-row scale [G, R].
@@ -196,8 +216,8 @@ def _output_sqnr(h: np.ndarray, target: np.ndarray, approx: np.ndarray) -> float
     import numpy as np
 
     diff = approx - target
-    signal = float(np.einsum("grk,gkl,grl->", target, h, target))
-    noise = float(np.einsum("grk,gkl,grl->", diff, h, diff))
+    signal = float(np.sum((target @ h) * target))
+    noise = float(np.sum((diff @ h) * diff))
     return 10 * np.log10(max(signal, 1e-30) / max(noise, 1e-30))
 
 
@@ -258,10 +278,8 @@ def adaptive_round(
             except Exception as exc:
                 raise DataError(f"{label}: onnxruntime failed on the data: {first_line(exc)}") from None
             for k, layer in enumerate(todo):
-                rows = _rows(layer, values[layer.node.input[0]].astype(np.float64), positions, number)
-                if layer.has_bias_slot:
-                    rows = np.concatenate([rows, np.ones(rows.shape[:2] + (1,))], axis=2)
-                grams[k] = grams[k] + np.swapaxes(rows, 1, 2) @ rows
+                grams[k] = grams[k] + _gram(_rows(layer, values[layer.node.input[0]], positions, number),
+                                            layer.has_bias_slot)
         for layer, gram in zip(todo, grams, strict=True):
             _round_layer(result, index, layer, gram, damp, report)
     return result, report
