@@ -113,8 +113,11 @@ def steps_for(recipe: Recipe) -> list[Step]:
         steps.append(Step("calibrate", config, needs=["optimize"],
                           files=[Path(data)] + ([Path(overrides)] if overrides else []),
                           action=functools.partial(_calibrate, settings)))
-        qconfig = {key: quantize.get(key) for key in ("exclude", "exclude_op_types", "per_channel", "reduce_range")}
-        steps.append(Step("quantize", qconfig, needs=["optimize", "calibrate"], action=_quantize))
+        qconfig = {key: quantize.get(key) for key in ("exclude", "exclude_op_types", "per_channel", "reduce_range",
+                                                      "adaptive_round", "target", "task_metrics", "max_float")}
+        qconfig["data"] = data  # the scales builder refines and checks on it when it can (it declares 'data')
+        steps.append(Step("quantize", qconfig, needs=["optimize", "calibrate"], files=[Path(data)],
+                          action=_quantize))
 
     built: list[str] = []
     for item in recipe.section("builders") or [{"name": registry.default("builders").name}]:
@@ -202,6 +205,10 @@ def _quantize(step: Step, results: dict[str, StepResult], folder: Path) -> dict[
 
     builder = scales_builder()  # the builder that takes calibrated scales (it declares scale_tensors)
     given = {key: value for key, value in step.config.items() if value is not None}
+    if "data" in builder.options and step.config.get("data") is not None:
+        given["data"] = str(step.config["data"])  # a builder that can use the calibration data gets it
+    else:
+        given.pop("data", None)
     options = builder.resolve_options({**given, "scales": str(results["calibrate"].path("scales"))},
                                       where=f"[quantize] builder '{builder.name}'")
     builder.build(results["optimize"].path("model"), folder / "model.onnx", **options)

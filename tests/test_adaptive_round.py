@@ -196,3 +196,18 @@ def test_cli_target_needs_data(setup, tmp_path):
     result = run_cli("quantize", str(model), "-s", str(folder / "scales.json"), "--target", "sqnr>=20",
                      "-o", str(tmp_path / "q.onnx"))
     assert result.returncode == 2 and "--target needs --data" in result.stderr
+
+
+def test_adaptive_round_runs_as_a_pass_through_optimize(tmp_path):
+    model = outlier_model(tmp_path / "model.onnx")
+    calib = np.random.default_rng(3).uniform(0, 1, (16, 16, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", calib)
+    trtkit.quantize(model, trtkit.calibrate(model, calib, progress=False), output=tmp_path / "int8.onnx")
+    result = run_cli("optimize", str(tmp_path / "int8.onnx"), "-o", str(tmp_path / "r.onnx"), "--pass",
+                     "adaptive-round", "-O", f"reference={model}", "-O", f"data={tmp_path / 'calib.npy'}")
+    assert result.returncode == 0, result.stderr
+    assert "adaptive-round: 2 layers on 16 samples" in result.stdout + result.stderr
+    from trtkit.model import ModelArtifact
+
+    report = ModelArtifact.load(tmp_path / "r.onnx").metadata["ptq"]["adaptive_round"]
+    assert [layer["adaptive_db"] > layer["nearest_db"] for layer in report["layers"]] == [True, True]

@@ -1,4 +1,4 @@
-"""Built-in passes beyond plain PTQ: `equalize`, `bias-correct`, `qdq-tune`.
+"""Built-in passes beyond plain PTQ: `equalize`, `bias-correct`, `adaptive-round`, `qdq-tune`.
 
     trtkit optimize model.onnx -o model.eq.onnx --pass equalize
     trtkit optimize model.int8.onnx -o model.bc.onnx --pass bias-correct \
@@ -54,6 +54,22 @@ def _bias_correct(artifact: ModelArtifact, reference: str = "", data: str = "", 
     return result
 
 
+def _adaptive_round(artifact: ModelArtifact, reference: str = "", data: str = "", limit: int = 64,
+                    batch_size: int = 8, positions: int = 256, blocks: int = 4, damp: float = 0.01) -> ModelArtifact:
+    """Choose the int8 weights of a Q/DQ model against each layer's output on calibration data."""
+    from trtkit.ui import console
+
+    from .adaptive_round import adaptive_round
+
+    result, report = adaptive_round(artifact, reference, data, limit=limit, batch_size=batch_size,
+                                    positions=positions, blocks=blocks, damp=damp)
+    result.metadata.setdefault("ptq", {})["adaptive_round"] = report.as_dict()
+    gains = [x.error_adaptive_db - x.error_nearest_db for x in report.layers]
+    console.print(f"adaptive-round: {len(report.layers)} layers on {report.samples} samples; layer output SQNR "
+                  f"+{sum(gains) / max(len(gains), 1):.1f} dB on average; {len(report.skipped)} skipped")
+    return result
+
+
 def _qdq_tune(artifact: ModelArtifact, align_concat: bool = True, align_pool: bool = True,
               residual: bool = True, outputs: bool = True, verify: bool = True) -> ModelArtifact:
     """Remove redundant Q/DQ pairs and align scales across Concat / MaxPool for TensorRT."""
@@ -98,6 +114,21 @@ def register_passes(register: Any) -> None:
             "verify": Option("bool", True, "check that the mean output shift shrank on the data"),
         },
         apply=_bias_correct,
+        exact=False,
+    ))
+    register(GraphPass(
+        name="adaptive-round",
+        description="Adaptive rounding of a Q/DQ model's int8 weights against each layer's output (GPTQ form).",
+        options={
+            "reference": Option("path", required=True, help="the FP32 model the Q/DQ model was quantized from"),
+            "data": Option("path", required=True, help="calibration data (anything `trtkit calibrate` reads)"),
+            "limit": Option("int", 64, "use at most this many samples"),
+            "batch_size": Option("int", 8, "batch size for onnxruntime"),
+            "positions": Option("int", 256, "output positions sampled per sample and layer"),
+            "blocks": Option("int", 4, "layer groups solved in sequence (each sees the groups before rounded)"),
+            "damp": Option("float", 0.01, "damping of X^T X, relative to its mean diagonal"),
+        },
+        apply=_adaptive_round,
         exact=False,
     ))
     register(GraphPass(

@@ -17,15 +17,32 @@ from trtkit.stages import Builder, Option
 
 def _build(model: Any, output: Any, scales: str | None = None, exclude: list[str] | None = None,
            exclude_op_types: list[str] | None = None, per_channel: bool = True, reduce_range: bool = False,
-           concat_max_ratio: float = 32.0) -> Path:
+           concat_max_ratio: float = 32.0, data: str | None = None, adaptive_round: bool = True,
+           target: str | None = None, task_metrics: list[Any] | None = None, max_float: int | None = None) -> Path:
     from trtkit.errors import OptionError
 
     from .insert import quantize
 
     if not scales:
         raise OptionError("builder 'qdq' needs option 'scales' (a scales JSON from `trtkit calibrate`)")
-    quantize(model, scales, output=output, exclude=exclude or (), exclude_op_types=exclude_op_types or (),
-             per_channel=per_channel, reduce_range=reduce_range, concat_max_ratio=concat_max_ratio)
+    options = {"exclude_op_types": exclude_op_types or (), "per_channel": per_channel, "reduce_range": reduce_range,
+               "concat_max_ratio": concat_max_ratio}
+    if not data:
+        if target:
+            raise OptionError("builder 'qdq' option 'target' needs option 'data'")
+        quantize(model, scales, output=output, exclude=exclude or (), **options)
+        return Path(output)
+    from trtkit.metrics import parse_task_metrics
+    from trtkit.model import as_artifact
+    from trtkit.runtime import output_specs
+
+    from .target import quantize_checked
+
+    source = as_artifact(model)
+    metrics = parse_task_metrics(task_metrics, [s.name for s in output_specs(source.model)]) if task_metrics else ()
+    artifact, _ = quantize_checked(source, scales, data, target=target, task_metrics=metrics, exclude=exclude or (),
+                                   adaptive_round=adaptive_round, max_float=max_float, quantize_options=options)
+    artifact.save(output)
     return Path(output)
 
 
@@ -47,6 +64,11 @@ def register_builders(register: Any) -> None:
             "per_channel": Option("bool", True, "per-output-channel weight scales"),
             "reduce_range": Option("bool", False, "7-bit weights (onnxruntime CPUs without VNNI)"),
             "concat_max_ratio": Option("float", 32.0, "no shared Concat scale when input ranges differ more"),
+            "data": Option("path", None, "calibration data: refine by adaptive rounding, check on held-out samples"),
+            "adaptive_round": Option("bool", True, "with data: int8 weights chosen against each layer's output"),
+            "target": Option("str", None, "with data: accuracy to reach, e.g. 'sqnr>=20' (float fallback)"),
+            "task_metrics": Option("list", [], "task metric specs the target may name (see `trtkit eval`)"),
+            "max_float": Option("int", None, "with a target: at most this many layers in float"),
         },
         build=_build,
         scale_tensors=_scale_tensors,
