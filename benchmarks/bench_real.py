@@ -11,7 +11,9 @@ For each zoo model:
   in subprocesses (the internals are being reorganised; the CLI is the stable surface).
 - ONNX Runtime quantize_static MinMax / Entropy / Percentile with TensorRT-compatible settings: QDQ format,
   QInt8 activations and weights, symmetric both (ActivationSymmetric, WeightSymmetric), per-channel
-  weights, after quant_pre_process, every other option at its default; calibration collected in chunks of
+  weights, after quant_pre_process, every other option at its default (when the file it writes for an
+  older-opset model is refused by onnxruntime itself - per-channel DequantizeLinear needs opset 13 - the
+  model is upgraded to opset 13 and quantized again, and the row says so); calibration collected in chunks of
   16 samples through ORT's own CalibStridedMinMax option (its calibrators otherwise keep every intermediate
   tensor of every sample in memory). Run in a subprocess of this script, so time and peak RSS are its own.
 - Every INT8 model is judged with Q/DQ emulated in float (onnxruntime session config
@@ -61,8 +63,8 @@ ORT_CHUNK_SAMPLES = 16
 # 2-core development machine when it is otherwise idle. The zoo holds more; --calib-limit / --eval-limit
 # override these for every model.
 DEFAULT_SAMPLES: dict[str, tuple[int, int]] = {
-    "effnet-lite1": (256, 200), "effnet-lite2": (256, 200), "yolox-ddddocr": (64, 64),
-    "yolov8n-nudenet": (128, 128), "ppocr-det": (64, 64), "minilm-l6": (128, 128)}
+    "effnet-lite1": (192, 160), "effnet-lite2": (192, 160), "yolox-ddddocr": (48, 48),
+    "yolov8n-nudenet": (96, 96), "ppocr-det": (48, 48), "minilm-l6": (96, 96)}
 
 
 class StepError(RuntimeError):
@@ -75,31 +77,30 @@ def _trtkit_cmd() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "trtkit.cli"]
 
 
-def _peak_rss_mib(usage: Any) -> float:
-    return round(usage.ru_maxrss / 1024.0, 1) if usage is not None else float("nan")  # Linux: KiB
+# Peak RSS of a child: Linux's exec carries the peak RSS of the memory image it replaces into ru_maxrss, and
+# subprocess starts children with vfork from this (large) process, so wait4 on a direct child reports at least
+# this process's own peak. A small launcher forks the real command from itself and reports that grandchild's
+# ru_maxrss instead.
+_LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write(f"\\n{sys.argv[0]} {usage.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+_RSS_MARK = "__peak_rss_kib__"
 
 
-class _Popen(subprocess.Popen):  # type: ignore[type-arg]
-    """Popen that reaps its child with wait4 so that the child's own peak RSS is kept."""
-
-    rusage: Any = None
-
-    def _try_wait(self, wait_flags: int) -> tuple[int, int]:
-        try:
-            pid, status, usage = os.wait4(self.pid, wait_flags)
-        except ChildProcessError:
-            return self.pid, 0
-        if pid == self.pid:
-            self.rusage = usage
-        return pid, status
-
-
-def run_measured(cmd: Sequence[str], timeout: float = 1800) -> tuple[str, float, float]:
-    """Run CMD from the repository root: (stdout, seconds, peak RSS MiB of exactly this child, by wait4).
-    Raises StepError with the last useful line of its output on a non-zero exit."""
+def run_measured(cmd: Sequence[str], timeout: float = 1800, cwd: Path | None = None) -> tuple[str, float, float]:
+    """Run CMD in CWD (default: the repository root) with the repository on PYTHONPATH: (stdout, seconds,
+    peak RSS MiB of CMD's process). Raises StepError with the last useful line of its output on failure."""
     start = time.perf_counter()
-    proc = _Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                  cwd=Path(__file__).resolve().parent.parent)
+    root = Path(__file__).resolve().parent.parent
+    launcher = [sys.executable, "-c", _LAUNCHER.replace("sys.argv[0]", repr(_RSS_MARK)), *cmd]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd or root, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -107,7 +108,9 @@ def run_measured(cmd: Sequence[str], timeout: float = 1800) -> tuple[str, float,
         proc.communicate()
         raise StepError(f"timed out after {timeout:.0f} s: {' '.join(cmd[:3])}") from None
     seconds = time.perf_counter() - start
-    peak = _peak_rss_mib(proc.rusage)
+    marks = [line for line in err.splitlines() if line.startswith(_RSS_MARK)]
+    peak = round(int(marks[-1].split()[1]) / 1024.0, 1) if marks else float("nan")  # Linux: KiB
+    err = "\n".join(line for line in err.splitlines() if not line.startswith(_RSS_MARK))
     if proc.returncode != 0:
         lines = [line for line in (err or out).strip().splitlines() if line.strip()]
         useful = [line for line in lines if "warn" not in line.lower()] or lines or ["no output"]
@@ -170,14 +173,15 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def yolox_decode(out: np.ndarray, size: int = 416) -> tuple[np.ndarray, np.ndarray]:
     """(scores [N, A], boxes [N, A, 4] as cx, cy, w, h in pixels) of YOLOX's raw head output [N, A, 6]."""
     grids, strides = [], []
-    for stride in (8, 16, 32):
-        cells = size // stride
+    for step in (8, 16, 32):
+        cells = size // step
         ys, xs = np.meshgrid(np.arange(cells), np.arange(cells), indexing="ij")
         grids.append(np.stack([xs.ravel(), ys.ravel()], axis=1))
-        strides.append(np.full(cells * cells, stride))
-    grid, stride = np.concatenate(grids).astype(np.float64), np.concatenate(strides)[:, None].astype(np.float64)
-    xy = (out[..., :2] + grid) * stride
-    wh = np.exp(np.clip(out[..., 2:4].astype(np.float64), -20, 20)) * stride
+        strides.append(np.full(cells * cells, step))
+    grid = np.concatenate(grids).astype(np.float64)
+    scale = np.concatenate(strides)[:, None].astype(np.float64)
+    xy = (out[..., :2] + grid) * scale
+    wh = np.exp(np.clip(out[..., 2:4].astype(np.float64), -20, 20)) * scale
     return out[..., 4] * out[..., 5], np.concatenate([xy, wh], axis=-1)
 
 
@@ -292,24 +296,48 @@ def ort_worker(model: str, data: str, output: str, method: str) -> None:
         def set_range(self, start_index: int, end_index: int) -> None:
             self.start, self.end, self.position = start_index, min(end_index, len(items)), 0
 
+    def quantize(source_model: str) -> None:
+        pre = Path(output).with_suffix(".pre.onnx")
+        try:
+            quant_pre_process(source_model, str(pre))
+            source = str(pre)
+        except Exception as exc:  # noqa: BLE001 - the pre-processing is optional; say so and go on
+            print(f"quant_pre_process failed ({type(exc).__name__}: {str(exc)[:200]}); quantizing the model as is",
+                  file=sys.stderr)
+            source = source_model
+        quantize_static(
+            source, output, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, method),
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibStridedMinMax": stride})
+        pre.unlink(missing_ok=True)
+
     per_chunk = max(1, ORT_CHUNK_SAMPLES // batch)
     stride = max(d for d in range(1, per_chunk + 1) if len(items) % d == 0)
-    pre = Path(output).with_suffix(".pre.onnx")
+    quantize(model)
+    # Per-channel DequantizeLinear needs opset >= 13 (its axis attribute); quantize_static does not upgrade an
+    # older model and can write a file onnxruntime itself refuses (ddddocr's opset-11 YOLOX). As a user would
+    # after that error: upgrade the model to opset 13 and quantize again.
+    import onnx
+    from onnx import version_converter
+
+    upgraded, as_shipped_error = None, None
     try:
-        quant_pre_process(model, str(pre))
-        source = str(pre)
-    except Exception as exc:  # noqa: BLE001 - the pre-processing is optional; say so and go on
-        print(f"quant_pre_process failed ({type(exc).__name__}: {str(exc)[:200]}); quantizing the model as is",
-              file=sys.stderr)
-        source = model
-    quantize_static(
-        source, output, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-        calibrate_method=getattr(CalibrationMethod, method),
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibStridedMinMax": stride})
-    pre.unlink(missing_ok=True)
+        ort.InferenceSession(output, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime refusing the file is what is checked here
+        as_shipped_error = " ".join(str(exc).split())[:300]
+    proto = onnx.load(model)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if as_shipped_error and opset < 13:
+        upgraded = str(Path(output).with_suffix(".opset13.onnx"))
+        onnx.save(version_converter.convert_version(proto, 13), upgraded)
+        quantize(upgraded)
+    del proto
+    if upgraded:
+        Path(upgraded).unlink(missing_ok=True)
     print(json.dumps({"output": output, "method": method, "calibration_items": len(items), "batch": batch,
-                      "chunk_items": stride, "pre_processed": source != model}))
+                      "chunk_items": stride, "as_shipped_error": as_shipped_error,
+                      "opset_upgraded_from": opset if upgraded else None}))
 
 
 # ---- one model ---------------------------------------------------------------------------------------------------
@@ -322,7 +350,7 @@ def _limited(path: Path, limit: int | None, work: Path, tag: str) -> Path:
         return path
     out = work / f"{tag}-{limit}{path.suffix}"
     if path.suffix == ".npz":
-        np.savez(out, **{k: v[:limit] for k, v in arrays.items()})
+        np.savez(out, **{k: v[:limit] for k, v in arrays.items()})  # type: ignore[arg-type]
     else:
         np.save(out, arrays[""][:limit])
     return out
@@ -360,7 +388,8 @@ def _rtx(path: Path, build: bool) -> dict[str, Any]:
     return result
 
 
-def bench_model(name: str, work: Path, calib_limit: int | None, eval_limit: int | None, trtkit_methods: Sequence[str],
+def bench_model(name: str, work: Path, calib_limit: int | None, eval_limit: int | None,
+                trtkit_methods: Sequence[str] | None,
                 ort_methods: Sequence[str], build: bool, log: Any) -> dict[str, Any]:
     model = zoo.get(name)
     work.mkdir(parents=True, exist_ok=True)
@@ -376,7 +405,12 @@ def bench_model(name: str, work: Path, calib_limit: int | None, eval_limit: int 
     log(f"{name}: FP32 {samples} eval samples in {fp32_s:.1f} s; calibration set {calib_samples}")
 
     def judge(row: dict[str, Any], qdq: Path) -> None:
-        outputs, seconds = run_model(qdq, eval_data, emulate_qdq=True)
+        try:
+            outputs, seconds = run_model(qdq, eval_data, emulate_qdq=True)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime refusing the quantized file is a result
+            row["rtx"] = _rtx(qdq, build)
+            message = " ".join(str(exc).split())
+            raise StepError(f"onnxruntime cannot run the QDQ model: {message[:300]}") from None
         row["eval_s"] = round(seconds, 2)
         row["metrics"] = task_metrics(model, ref, outputs, eval_data)
         row["rtx"] = _rtx(qdq, build)
@@ -393,7 +427,7 @@ def bench_model(name: str, work: Path, calib_limit: int | None, eval_limit: int 
         log(f"  optimize failed ({exc}); calibrating the zoo model as is")
 
     done_methods: dict[str, str] = {}
-    for method in ("default", *trtkit_methods):
+    for method in ("default", *trtkit_methods) if trtkit_methods is not None else ():
         row: dict[str, Any] = {"method": f"trtkit {method}", "kind": "trtkit"}
         if method in done_methods:
             continue
@@ -421,8 +455,12 @@ def bench_model(name: str, work: Path, calib_limit: int | None, eval_limit: int 
         try:
             cmd = [sys.executable, "-m", "benchmarks.bench_real", "--ort-worker", str(model.onnx_path), str(calib),
                    str(qdq), method]
-            out, seconds, peak = run_measured(cmd, 1800)
-            row.update(time_s=round(seconds, 2), peak_rss_mib=peak)
+            # In WORK: quantize_static and its shape inference write temporaries into the current directory.
+            out, seconds, peak = run_measured(cmd, 1800, cwd=work)
+            report = json.loads(out[out.find("{"):]) if "{" in out else {}
+            if report.get("opset_upgraded_from"):
+                row["method"] += f" (opset {report['opset_upgraded_from']}->13)"
+            row.update(time_s=round(seconds, 2), peak_rss_mib=peak, ort=report)
             judge(row, qdq)
         except StepError as exc:
             row["error"] = str(exc)
@@ -478,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(zoo.NAMES), help="comma-separated zoo models")
     parser.add_argument("--methods", default=",".join(TRTKIT_METHODS), help="trtkit calibrators besides the default")
     parser.add_argument("--ort-methods", default=",".join(ORT_METHODS), help="ORT calibration methods ('' for none)")
+    parser.add_argument("--skip-trtkit", action="store_true", help="run only the ORT rows")
     parser.add_argument("--calib-limit", type=int, default=None,
                         help="use the first N calibration samples (default: DEFAULT_SAMPLES per model)")
     parser.add_argument("--eval-limit", type=int, default=None,
@@ -485,10 +524,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="artefacts (default: <zoo cache>/bench-real)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--build", action="store_true", help="also build TensorRT-RTX engines (needs a GPU)")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None,
+                        help="print the table of earlier --json results (several runs are merged) and exit")
     parser.add_argument("--ort-worker", nargs=4, metavar=("MODEL", "DATA", "OUTPUT", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ort_worker:
         ort_worker(*args.ort_worker)
+        return 0
+    if args.from_json:
+        runs = [json.loads(path.read_text()) for path in args.from_json]
+        for run in runs:
+            info = run["machine"]
+            print(f"machine: {info['cpu']}, {info['cores']} cores; onnxruntime {info['onnxruntime']}; "
+                  f"trtkit {info['trtkit_commit']}; {info['date']}; {run.get('total_s')} s wall, "
+                  f"{run.get('cpu_s')} s CPU")
+        merged: dict[str, dict[str, Any]] = {}
+        for run in runs:
+            for res in run["results"]:
+                if res["model"] not in merged or "error" in merged[res["model"]]:
+                    merged[res["model"]] = {**res, "rows": list(res.get("rows", []))}
+                    continue
+                rows = {row["method"]: row for row in merged[res["model"]]["rows"]}
+                rows.update({row["method"]: row for row in res.get("rows", [])})
+                merged[res["model"]]["rows"] = list(rows.values())
+        print(table(list(merged.values())))
+        if args.json:
+            args.json.write_text(json.dumps({"merged_from": [str(p) for p in args.from_json],
+                                             "machines": [run["machine"] for run in runs],
+                                             "results": list(merged.values())}, indent=1) + "\n")
         return 0
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in zoo.SPECS]
@@ -510,11 +573,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             calib_n, eval_n = DEFAULT_SAMPLES.get(name, (None, None))
             results.append(bench_model(name, folder, args.calib_limit or calib_n, args.eval_limit or eval_n,
-                                       [m for m in args.methods.split(",") if m],
+                                       None if args.skip_trtkit else [m for m in args.methods.split(",") if m],
                                        [m for m in args.ort_methods.split(",") if m], args.build, log))
         except (zoo.ZooError, StepError, OSError) as exc:
             results.append({"model": name, "error": str(exc)})
             log(f"{name}: FAILED {exc}")
+        if args.json:  # after every model, so that an interrupted run keeps what it measured
+            args.json.write_text(json.dumps({"machine": info, "partial": True, "results": results}, indent=1) + "\n")
     total = time.perf_counter() - start
     import resource
 

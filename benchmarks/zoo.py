@@ -46,6 +46,7 @@ for evaluation). The transformer gets passages of the dataset descriptions shipp
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -268,7 +269,7 @@ def file_path(key: str) -> Path:
     return path
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
@@ -324,7 +325,7 @@ def _cut(image: np.ndarray, box: tuple[int, ...]) -> np.ndarray:
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((width, height), Image.BILINEAR))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def _letterbox(image: np.ndarray, size: int, pad: int) -> np.ndarray:
@@ -351,11 +352,11 @@ def photo_crops(keys: Sequence[str], total: int, aspects: Sequence[float] = (1.0
 def face_mosaics(split: str, total: int, tiles: int = 3) -> Iterable[tuple[np.ndarray, dict[str, Any]]]:
     """Mosaics of the 25x25 grey faces in scikit-image's lfw_subset (its first 100 images are faces):
     even-numbered faces for calibration, odd-numbered for evaluation, TILES x TILES faces per mosaic."""
-    faces = np.load(file_path("lfw_subset"))[:100]
-    faces = faces[0::2] if split == "calib" else faces[1::2]
+    faces = np.load(file_path("lfw_subset"))
+    usable = np.arange(0 if split == "calib" else 1, 100, 2)  # indices into lfw_subset
     per = tiles * tiles
     for index in range(total):
-        picks = [(index * per + k) % len(faces) for k in range(per)]
+        picks = [int(usable[(index * per + k) % len(usable)]) for k in range(per)]
         rows = [np.concatenate([faces[p] for p in picks[r * tiles:(r + 1) * tiles]], axis=1)
                 for r in range(tiles)]
         grey = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).round().astype(np.uint8)
@@ -866,18 +867,23 @@ def get(name: str) -> ZooModel:
     for split, count in (("calib", spec.calib_count), ("eval", spec.eval_count)):
         arrays, records = spec.build_data(spec, split, count)
         path = _data_path(folder, split, arrays)
-        if path.suffix == ".npy":
-            (array,) = arrays.values()
-            _write_atomic(path, lambda tmp, a=array: np.save(tmp, a))
-        else:
-            _write_atomic(path, lambda tmp, a=arrays: np.savez(tmp, **a))
-            # np.savez appends .npz to names without it; mkstemp's suffix already has it
+        _write_atomic(path, functools.partial(_save_arrays, arrays=arrays))
         info[f"{split}_file"] = path.name
         info[f"{split}_count"] = len(records)
         info[f"{split}_samples"] = records
     info["onnx_sha256"] = _sha256(onnx_path)
-    _write_atomic(info_path, lambda tmp: tmp.write_text(json.dumps(info, indent=1) + "\n"))
+    text = json.dumps(info, indent=1) + "\n"
+    _write_atomic(info_path, functools.partial(Path.write_text, data=text))
     return _as_model(spec, info)
+
+
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """One array: .npy; several (keyed by input name): .npz (PATH already ends in .npz, so savez keeps it)."""
+    if path.suffix == ".npy":
+        (array,) = arrays.values()
+        np.save(path, array)
+    else:
+        np.savez(path, **arrays)  # type: ignore[arg-type]
 
 
 def load_data(path: Path) -> dict[str, np.ndarray]:
