@@ -25,8 +25,8 @@ def _build(model: Any, output: Any, scales: str | None = None, exclude: list[str
 
     if not scales:
         raise OptionError("builder 'qdq' needs option 'scales' (a scales JSON from `trtkit calibrate`)")
-    options = {"exclude_op_types": exclude_op_types or (), "per_channel": per_channel, "reduce_range": reduce_range,
-               "concat_max_ratio": concat_max_ratio}
+    options: dict[str, Any] = {"exclude_op_types": exclude_op_types or (), "per_channel": per_channel,
+                               "reduce_range": reduce_range, "concat_max_ratio": concat_max_ratio}
     if not data:
         if target:
             raise OptionError("builder 'qdq' option 'target' needs option 'data'")
