@@ -11,7 +11,9 @@ from trtkit.graph import (
     bypass,
     constant_value,
     editable,
+    fresh_name,
     infer_shapes,
+    new_constant,
     rewrite,
     single_consumer,
     static_shape,
@@ -79,6 +81,86 @@ def _fold_affine_into_conv(graph: Any) -> int:
     return folded
 
 
+def _matmul_add_to_gemm(graph: Any) -> int:
+    """MatMul of a 2-D input by a constant 2-D weight, then Add of a constant bias broadcast over the rows
+    ([N] or [1, N]) -> one Gemm (what onnxslim does; the bias is added to the same products, so the result
+    is the same up to float round-off, which the numerical check confirms)."""
+    import numpy as np
+
+    fused = 0
+    for add in list(graph.nodes):
+        if add.op != "Add" or len(add.inputs) != 2 or not add.outputs:
+            continue
+        for product, bias_tensor in (add.inputs, add.inputs[::-1]):
+            bias = constant_value(bias_tensor)
+            if bias is None or len(product.inputs) != 1 or product.inputs[0].op != "MatMul":
+                continue
+            matmul = product.inputs[0]
+            weight = constant_value(matmul.inputs[1])
+            a_shape = static_shape(matmul.inputs[0])
+            if weight is None or weight.ndim != 2 or a_shape is None or len(a_shape) != 2:
+                continue
+            bias = np.asarray(bias)
+            if (single_consumer(product, graph) is not add or weight.dtype.kind != "f" or bias.dtype != weight.dtype
+                    or bias.shape not in ((weight.shape[1],), (1, weight.shape[1]))):
+                continue
+            matmul.op = "Gemm"
+            matmul.attrs = {}
+            matmul.inputs.append(bias_tensor)
+            if bypass(add, graph, keep=product):
+                fused += 1
+            break
+    return fused
+
+
+def _merge_unsqueezes(graph: Any) -> int:
+    """Unsqueeze feeding an Unsqueeze -> one Unsqueeze with the combined axes (inserting size-1 dims in two
+    steps or in one is the same reshape)."""
+    import numpy as np
+
+    merged = 0
+    for node in list(graph.nodes):
+        if node.op != "Unsqueeze" or not node.inputs:
+            continue
+        x = node.inputs[0]
+        if len(x.inputs) != 1 or x.inputs[0].op != "Unsqueeze" or single_consumer(x, graph) is not node:
+            continue
+        first = x.inputs[0]
+        axes_first, axes_second = _unsqueeze_axes(first), _unsqueeze_axes(node)
+        rank = len(first.inputs[0].shape) if first.inputs[0].shape is not None else None
+        if axes_first is None or axes_second is None or rank is None:
+            continue
+        layout = _insert_ones(["x"] * rank, axes_first)
+        layout = _insert_ones(layout, axes_second) if layout is not None else None
+        if layout is None:
+            continue
+        combined = np.array([i for i, d in enumerate(layout) if d == "1"], np.int64)
+        node.inputs[0] = first.inputs[0]
+        if "axes" in node.attrs:  # opset < 13
+            node.attrs["axes"] = [int(a) for a in combined]
+        else:
+            node.inputs[1] = new_constant(fresh_name(graph, f"{node.name or 'unsqueeze'}_axes"), combined)
+        merged += 1
+    return merged
+
+
+def _unsqueeze_axes(node: Any) -> list[int] | None:
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]]
+    value = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    return None if value is None else [int(a) for a in value.reshape(-1)]
+
+
+def _insert_ones(layout: list[str], axes: list[int]) -> list[str] | None:
+    """The dims after Unsqueeze(axes): "1" at the (normalised) axes, the input's dims in order elsewhere."""
+    rank = len(layout) + len(axes)
+    normal = sorted(a + rank if a < 0 else a for a in axes)
+    if len(set(normal)) != len(normal) or any(not 0 <= a < rank for a in normal):
+        return None
+    rest = iter(layout)
+    return ["1" if i in normal else next(rest) for i in range(rank)]
+
+
 def _merge_transposes(graph: Any) -> int:
     """Transpose -> Transpose becomes one Transpose (or nothing when the composed permutation is the identity)."""
     merged = 0
@@ -139,7 +221,10 @@ def optimize(artifact: ModelArtifact, fold_bn: bool = True, fold_affine: bool = 
                 counts["transpose"] = counts.get("transpose", 0) + (n := _merge_transposes(graph))
                 total += n
             if merge_reshapes:
-                counts["reshape"] = counts.get("reshape", 0) + (n := _merge_reshapes(graph))
+                counts["reshape"] = counts.get("reshape", 0) + (n := _merge_reshapes(graph) + _merge_unsqueezes(graph))
+                total += n
+            if fold_affine:
+                counts["gemm"] = counts.get("gemm", 0) + (n := _matmul_add_to_gemm(graph))
                 total += n
             graph.cleanup()
             if not total:

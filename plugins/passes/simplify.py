@@ -54,7 +54,8 @@ def fix_input_shapes(model: Any, shapes: dict[str, Any]) -> Any:
         if len(current) and len(current) != len(dims):
             raise OptionError(f"input_shapes: input '{name}' has rank {len(current)}, got shape {list(dims)}")
         for index, dim in enumerate(current):
-            if dim.HasField("dim_value") and dim.dim_value != int(dims[index]):
+            # dim_value -1 (Paddle2ONNX writes it for a dynamic batch) is dynamic, not a size
+            if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != int(dims[index]):
                 raise OptionError(
                     f"input_shapes: input '{name}' has static shape {[d.dim_value for d in current]}, "
                     f"cannot set {list(dims)}"
@@ -107,7 +108,8 @@ def _eliminate_noops(graph: Any) -> int:
             if value is not None and np.asarray(value).dtype.kind in "fiu" and bool(np.all(np.asarray(value) == neutral)):
                 xs, ys = static_shape(other), static_shape(y)
                 dtypes_match = other.dtype is None or y.dtype is None or same_dtype(other.dtype, y.dtype)
-                if xs is not None and xs == ys and dtypes_match:
+                # a neutral scalar cannot broadcast the other operand to a new shape: no shapes needed
+                if dtypes_match and ((xs is not None and xs == ys) or np.asarray(value).ndim == 0):
                     noop, x = True, other
         if noop and bypass(node, graph, keep=x):
             removed += 1

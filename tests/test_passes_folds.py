@@ -1,0 +1,97 @@
+"""Folds that bring `trtkit optimize` to onnxslim's node count on real exported models (issue 17 item 2):
+MatMul + bias Add -> Gemm (a Paddle mobile classifier's head), Unsqueeze -> Unsqueeze merged (a MiniLM
+attention mask), and Paddle's dim_value -1 accepted as a dynamic dim by `simplify.input_shapes`.
+Real onnx.helper models, real onnxruntime, the numerical check on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from trtkit.model import ModelArtifact  # noqa: E402
+from trtkit.optimizing import optimize  # noqa: E402
+from trtkit.runtime import run, session  # noqa: E402
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return ModelArtifact.from_model(model)
+
+
+def _outputs(artifact, feeds):
+    return run(session(artifact, optimization="disable"), feeds)
+
+
+def ops(artifact):
+    return [node.op_type for node in artifact.model.graph.node]
+
+
+@pytest.mark.parametrize("bias_shape", [(5,), (1, 5)])
+def test_matmul_bias_add_becomes_one_gemm(bias_shape):
+    rng = np.random.default_rng(0)
+    art = _model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["b", "h"], ["logits"]),
+                  helper.make_node("Softmax", ["logits"], ["y"], axis=1)],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+                 [numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), "w"),
+                  numpy_helper.from_array(rng.normal(size=bias_shape).astype(np.float32), "b")])
+    result = optimize(art)
+    assert ops(result.artifact) == ["Gemm", "Softmax"]
+    feeds = {"x": rng.normal(size=(2, 8)).astype(np.float32) * 10}
+    np.testing.assert_allclose(_outputs(result.artifact, feeds)["y"], _outputs(art, feeds)["y"], rtol=1e-6, atol=1e-7)
+
+
+def test_matmul_add_left_alone_when_not_a_row_bias_or_not_2d():
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), "w")
+    full = numpy_helper.from_array(rng.normal(size=(2, 3, 5)).astype(np.float32), "b")
+    art = _model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 5])], [w, full])
+    assert ops(optimize(art).artifact) == ["MatMul", "Add"]
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+@pytest.mark.parametrize(("first", "second"), [([1], [2]), ([0], [-1]), ([-1], [0, 3]), ([1, 2], [1])])
+def test_unsqueeze_chain_merges_into_one(opset, first, second):
+    def unsqueeze(inp, out, axes, name):
+        if opset < 13:
+            return [helper.make_node("Unsqueeze", [inp], [out], axes=axes)], []
+        return ([helper.make_node("Unsqueeze", [inp, name], [out])],
+                [numpy_helper.from_array(np.array(axes, np.int64), name)])
+
+    n1, i1 = unsqueeze("m", "u1", first, "a1")
+    n2, i2 = unsqueeze("u1", "u2", second, "a2")
+    rank = 2 + len(first) + len(second)
+    art = _model([helper.make_node("Sub", ["one", "x"], ["m"]), *n1, *n2, helper.make_node("Mul", ["u2", "k"], ["y"])],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"d{i}" for i in range(rank)])],
+                 [numpy_helper.from_array(np.float32(1), "one"), numpy_helper.from_array(np.float32(-3), "k"), *i1, *i2],
+                 opset=opset)
+    result = optimize(art)
+    assert ops(result.artifact).count("Unsqueeze") == 1
+    feeds = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    got, ref = _outputs(result.artifact, feeds)["y"], _outputs(art, feeds)["y"]
+    assert got.shape == ref.shape and got.ndim == rank
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_input_shapes_accepts_paddles_minus_one_dim():
+    """Paddle2ONNX writes a dynamic batch as dim_value -1; fixing it to 1 is allowed (a positive mismatch
+    is still refused)."""
+    art = _model([helper.make_node("Relu", ["x"], ["y"])],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "h", "w"])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, "h", "w"])])
+    result = optimize(art, [("simplify", {"input_shapes": {"x": [1, 3, 4, 4]}})])
+    dims = [d.dim_value for d in result.artifact.model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 4, 4]
+    from trtkit.errors import OptionError
+
+    with pytest.raises(OptionError, match="static shape"):
+        optimize(art, [("simplify", {"input_shapes": {"x": [1, 4, 4, 4]}})])
