@@ -121,12 +121,12 @@ def _signals_deferred() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         if received:
-            signum, frame = received[0]
-            handler = signal.getsignal(signum)
+            first, frame = received[0]
+            handler = signal.getsignal(first)
             if callable(handler):
-                handler(signum, frame)  # e.g. KeyboardInterrupt, or the CLI's SIGTERM handler
+                handler(first, frame)  # e.g. KeyboardInterrupt, or the CLI's SIGTERM handler
             elif handler == signal.SIG_DFL:
-                signal.raise_signal(signum)
+                signal.raise_signal(first)
 
 
 @contextlib.contextmanager

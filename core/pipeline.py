@@ -494,9 +494,9 @@ def verdict(results: dict[str, StepResult], gates: list[tuple[str, bool, str]]) 
         elif "agreement" in task:
             metric = f"top-1 agreement with FP32 {task['agreement']:.4f}"
         else:
-            sqnr = [m.get("sqnr_db") for m in (data.get("outputs") or {}).values() if isinstance(m, dict)]
-            metric = f"SQNR {min(sqnr):.1f} dB vs FP32" if sqnr and all(isinstance(s, (int, float)) for s in sqnr) \
-                else "not measured"
+            measured = [m.get("sqnr_db") for m in (data.get("outputs") or {}).values() if isinstance(m, dict)]
+            sqnr = [s for s in measured if isinstance(s, (int, float))]
+            metric = f"SQNR {min(sqnr):.1f} dB vs FP32" if sqnr and len(sqnr) == len(measured) else "not measured"
         speedup = speedups.get(str(result.path("model")))
         rows.append([label, precision.upper(), metric, "not measured" if speedup is None else f"{speedup:.2f}x"])
     failed = [what for what, ok, _ in gates if not ok]

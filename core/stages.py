@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
 from .errors import OptionError, close_matches
 
@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from .model import ModelArtifact
 
 _MISSING: Any = object()
+
+
+def _not_registered(*args: Any, **kwargs: Any) -> NoReturn:
+    """The default of a component's work callable: the plugin registered the component without one."""
+    raise NotImplementedError("this component was registered without the callable that does its work")
 _TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,),
     "int": (int,),
@@ -124,8 +129,8 @@ class Component:
                 raise OptionError(
                     f"{where} option '{key}' must be {option.type}, got {type(value).__name__} {value!r}"
                 )
-            if option.type == "float" and value is not None:
-                value = float(value)
+            if option.type == "float" and isinstance(value, int):
+                value = float(value)  # an int given for a float option (bools were refused above)
             if option.choices is not None and value not in option.choices:
                 choices = ", ".join(map(str, option.choices))
                 raise OptionError(f"{where} option '{key}' must be one of {choices}, got {value!r}")
@@ -142,7 +147,7 @@ class Exporter(Component):
       output: where the .onnx file is written (atomically).
     """
 
-    export: Callable[..., ModelArtifact] = field(default=lambda *a, **k: None, repr=False)
+    export: Callable[..., ModelArtifact] = field(default=_not_registered, repr=False)
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ class GraphPass(Component):
     default: the pass runs when none is selected (every default pass, in registration order).
     """
 
-    apply: Callable[..., ModelArtifact] = field(default=lambda *a, **k: None, repr=False)
+    apply: Callable[..., ModelArtifact] = field(default=_not_registered, repr=False)
     exact: bool = True
     measured_difference: Callable[[ModelArtifact], float | None] | None = field(default=None, repr=False)
 
@@ -244,7 +249,7 @@ class Evaluator(Component):
       reports: `trtkit.evaluation.write_report` and the recipe run use the first one that declares it)
     """
 
-    evaluate: Callable[..., EvaluationResult] = field(default=lambda *a, **k: None, repr=False)
+    evaluate: Callable[..., EvaluationResult] = field(default=_not_registered, repr=False)
     compares: str = "pair"
     report_section: str = ""
     write_report: Callable[[str | os.PathLike[str], Mapping[str, Any]], tuple[Path, Path]] | None = field(

@@ -176,6 +176,8 @@ def train_edge_filter_cnn(x_train: np.ndarray, y_train: np.ndarray, epochs: int 
         torch.manual_seed(seed)
         model = DepthwiseSeparable()
         depthwise, norm, pointwise = model.features[3], model.features[4], model.features[6]
+        assert isinstance(depthwise, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)  # typed layer access
+        assert isinstance(pointwise, nn.Conv2d)
         kernels = [torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]]),
                    torch.tensor([[-1.0, -2, -1], [0, 0, 0], [1, 2, 1]]),
                    torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]])]
