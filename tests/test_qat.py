@@ -54,7 +54,7 @@ def test_straight_through_estimator_and_learned_amax_gradients():
 def test_quantize_model_copies_and_never_patches_torch(digits_model):
     before = {k: v.clone() for k, v in digits_model.state_dict().items()}
     conv_class, linear_class = torch.nn.Conv2d, torch.nn.Linear
-    qmodel = qat.quantize_model(digits_model)
+    qmodel = qat.quantize_model(digits_model, device="cpu")  # compared with the CPU model below
     assert torch.nn.Conv2d is conv_class and torch.nn.Linear is linear_class
     assert type(torch.nn.Conv2d(1, 1, 1)) is conv_class
     assert all(torch.equal(before[k], v) for k, v in digits_model.state_dict().items())
@@ -131,7 +131,7 @@ def test_qat_recovers_accuracy_lost_by_poor_ptq(plain_ptq_accuracy, qat_model, q
     assert recovered >= fp32 - 0.03, (ptq, recovered, fp32)
     # the exported graph computes what the fake-quantized torch model computes
     with torch.no_grad():
-        torch_logits = qmodel(torch.from_numpy(x_test)).numpy()
+        torch_logits = qmodel(torch.from_numpy(x_test).to(qat.model_device(qmodel))).cpu().numpy()
     assert float((torch_logits.argmax(1) == logits.argmax(1)).mean()) > 0.99
     assert float(qmodel.stem[0].input_quantizer.amax.detach().abs()) > amax["stem.0.input_quantizer"]
 
