@@ -355,28 +355,28 @@ def _model_inputs(batch: Any, device: Any = None) -> tuple[Any, ...]:
     return tuple(_to_tensor(v).to(device) if device is not None else _to_tensor(v) for v in values)
 
 
-def calibrate(qmodel: Any, batches: Iterable[Any], method: str | Callable[..., float] = "entropy",
+def calibrate(qmodel: Any, batches: Iterable[Any], method: str | Callable[..., float] | None = None,
               options: Mapping[str, Any] | None = None, weights: bool = False) -> dict[str, float]:
     """Set every activation quantizer's amax from trtkit's calibrators (`trtkit calibrators` names).
 
     batches: arrays/tensors (or (inputs, labels) tuples, or dicts name -> array) fed to the model in order.
     method / options: a calibrator registered in trtkit (`trtkit plugins` lists them) and its options, or a
-      function(stats, **options) -> amax; statistics are collected once per tensor as
+      function(stats, **options) -> amax; None: the default calibrator (the one its plugin marks default, as
+      `trtkit calibrate` uses); statistics are collected once per tensor as
       trtkit.calibration.TensorStats (mergeable, independent of batch order).
     weights: also recompute weight amax (per channel max |w|) from the current weights.
     Returns {quantizer name: amax}.
     """
     import torch
 
-    from .calibration import TensorStats  # the calibration stage's mergeable statistics
-    from .registry import get_registry
+    from .calibration import TensorStats, find_calibrator  # the calibration stage's statistics and lookup
 
     if callable(method):
         compute_amax, resolved = method, dict(options or {})
     else:
-        calibrator = get_registry().calibrator(method)
+        calibrator = find_calibrator(method)
         compute_amax = calibrator.compute_amax
-        resolved = calibrator.resolve_options(options or {}, where=f"calibrator '{method}'")
+        resolved = calibrator.resolve_options(options or {}, where=f"calibrator '{calibrator.name}'")
     active = {name: q for name, q in quantizers(qmodel).items() if not q.weight}
     stats: dict[str, Any] = {}
     seen = 0
