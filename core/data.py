@@ -219,7 +219,7 @@ def check_dtype(array: np.ndarray, dtype: Any, where: str, cast: bool | None = F
     kind, want_kind = array.dtype.kind, want.kind
     if want_kind in _FLOAT_KINDS and kind in _INT_KINDS + "b":
         if not cast:
-            hint = "" if cast is None else ", or give --cast (recipe: cast = true) to cast it as is"
+            hint = "" if cast is None else ", or cast it as is with --cast (trtkit calibrate; recipe [calibration] cast = true)"
             raise DataError(f"{where} is {array.dtype} data for a {want} model input; convert it{hint}")
         return array.astype(want)
     if (want_kind in _FLOAT_KINDS and kind in _FLOAT_KINDS) or (want_kind in _INT_KINDS and kind in _INT_KINDS):
