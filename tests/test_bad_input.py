@@ -73,8 +73,9 @@ CASES: dict[str, Case] = {
     "unknown-evaluator": Case(("eval", "acuracy", D, "-o", "{O}/r.json"), ("acuracy", "accuracy")),
     "unknown-pass-option": Case(("optimize", D, "-O", "simplify.fooo=1", "-o", "{O}/a.onnx"), ("fooo", "simplify")),
     # ---- invalid or contradictory options ---------------------------------------------------------------------
-    "scales-and-data": Case(("quantize", D, "-d", CALIB, "-s", "{M}/over_neg.json", "-o", "{O}/q.onnx"),
-                            ("--scales", "--data")),
+    "quantize-without-scales-or-data": Case(("quantize", D, "-o", "{O}/q.onnx"), ("--scales", "--data")),
+    "target-without-data": Case(("quantize", D, "-s", "{M}/over_neg.json", "--target", "sqnr>=20", "-o",
+                                 "{O}/q.onnx"), ("--target", "--data")),
     "batch-size-zero": Case(("calibrate", D, "-d", CALIB, "-b", "0", "-o", "{O}/s.json"), ("batch",)),
     "option-out-of-range": Case(("calibrate", D, "-d", CALIB, "-m", "percentile", "-O", "percentile=200",
                                  "-o", "{O}/s.json"), ("percentile", "200")),
