@@ -3,9 +3,10 @@
     trtkit quantize MODEL --data D                      # calibrate, insert Q/DQ, adaptive rounding
     trtkit quantize MODEL --data D --target "sqnr>=20"  # ... then keep the fewest layers in float for 20 dB
 
-The data is split: the first part (up to `round_samples`) feeds adaptive rounding, the rest (at least
-`min_check_samples`, up to `check_samples`) is held out to measure the result against the FP32 model with Q/DQ
-emulated in float (what TensorRT computes). Each decision is measured on the held-out part and recorded
+The data is split: evenly spread samples (a quarter, at least `min_check_samples`, at most `check_samples`)
+are held out to measure the result against the FP32 model with Q/DQ
+emulated in float (what TensorRT computes); the others feed adaptive rounding. At most twice
+`round_samples` + `check_samples` samples are read, and that many taken evenly spread. Each decision is measured on the held-out part and recorded
 (what, why, the metric before and after) in the artefact's metadata["quantization"]["decisions"]:
 
 1. adaptive rounding of every int8 weight (plugins/ptq/adaptive_round.py), kept only if it measures better;
@@ -146,15 +147,23 @@ def _split(data: Any, model: ModelArtifact, round_samples: int, check_samples: i
 
     parts: list[dict[str, np.ndarray]] = []
     total = 0
-    for feeds in load_data(data, model.model, batch_size=8, limit=round_samples + check_samples).batches():
+    wanted = round_samples + check_samples
+    # Read up to twice what is used and take evenly spread samples: files are often ordered by source.
+    for feeds in load_data(data, model.model, batch_size=8, limit=2 * wanted).batches():
         parts.append(feeds)
         total += batch_len(feeds)
     if total < min_check_samples + 1:
         raise DataError(f"--data: {total} samples; quantization with a check needs at least {min_check_samples + 1}")
     arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    if total > wanted:
+        keep = np.round(np.linspace(0, total - 1, wanted)).astype(int)
+        arrays, total = {n: a[keep] for n, a in arrays.items()}, wanted
     held = max(min_check_samples, min(check_samples, total // 4))
-    cut = total - held
-    return ({n: a[:cut] for n, a in arrays.items()}, {n: a[cut:] for n, a in arrays.items()})
+    # Every k-th sample is held out, not the tail: data files are often ordered by source (one photo's crops,
+    # then the next), and a tail would check on one source only.
+    check_index = np.round(np.linspace(0, total - 1, held)).astype(int)
+    fit_index = np.setdiff1d(np.arange(total), check_index)
+    return ({n: a[fit_index] for n, a in arrays.items()}, {n: a[check_index] for n, a in arrays.items()})
 
 
 def _run(model: ModelArtifact | Any, arrays: Mapping[str, np.ndarray], batch: int = 8) -> dict[str, np.ndarray]:
