@@ -211,3 +211,21 @@ def test_adaptive_round_runs_as_a_pass_through_optimize(tmp_path):
 
     report = ModelArtifact.load(tmp_path / "r.onnx").metadata["ptq"]["adaptive_round"]
     assert [layer["adaptive_db"] > layer["nearest_db"] for layer in report["layers"]] == [True, True]
+
+
+def test_checked_quantization_runs_a_fixed_batch_model(tmp_path):
+    """Models exported with batch 1 (ddddocr's YOLOX) are run one sample at a time by the check."""
+    import onnx
+
+    from trtkit.plugins.qdq.target import quantize_checked
+
+    path = outlier_model(tmp_path / "model.onnx")
+    model = onnx.load(path)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, tmp_path / "fixed.onnx")
+    calib = np.random.default_rng(4).uniform(0, 1, (12, 16, 8, 8)).astype(np.float32)
+    scales = trtkit.calibrate(tmp_path / "fixed.onnx", calib, progress=False)
+    result, report = quantize_checked(tmp_path / "fixed.onnx", scales, calib)
+    assert report.check_samples == 4 and report.round_samples == 8
+    assert report.decisions[0].action == "adaptive-round" and report.measured > 10

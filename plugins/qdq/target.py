@@ -175,7 +175,9 @@ def _run(model: ModelArtifact | Any, arrays: Mapping[str, np.ndarray], batch: in
     sess = session(as_artifact(model))
     names = [o.name for o in sess.get_outputs()]
     total = len(next(iter(arrays.values())))
-    runs = [sess.run(names, {k: v[i:i + batch] for k, v in arrays.items()}) for i in range(0, total, batch)]
+    fixed = sess.get_inputs()[0].shape[0]  # a model exported with a fixed batch runs in steps of that batch
+    step = fixed if isinstance(fixed, int) and fixed > 0 else batch
+    runs = [sess.run(names, {k: v[i:i + step] for k, v in arrays.items()}) for i in range(0, total, step)]
     return {name: np.concatenate([r[k] for r in runs]) for k, name in enumerate(names)}
 
 
