@@ -229,3 +229,17 @@ def test_checked_quantization_runs_a_fixed_batch_model(tmp_path):
     result, report = quantize_checked(tmp_path / "fixed.onnx", scales, calib)
     assert report.check_samples == 4 and report.round_samples == 8
     assert report.decisions[0].action == "adaptive-round" and report.measured > 10
+
+
+def test_qdq_builder_with_an_unmet_target_writes_the_model_and_fails_like_a_gate(setup, tmp_path):
+    """The recipe's quantize step goes through the builder: an unmet target must not pass silently."""
+    from trtkit.errors import GateError
+    from trtkit.registry import get_registry
+
+    folder, model, *_ = setup
+    builder = get_registry().builder("qdq")
+    options = builder.resolve_options({"scales": str(folder / "scales.json"), "data": str(folder / "calib.npy"),
+                                       "target": "sqnr>=300", "max_float": 1})
+    with pytest.raises(GateError, match="target sqnr>=300: not met"):
+        builder.build(model, tmp_path / "q.onnx", **options)
+    assert (tmp_path / "q.onnx").exists()

@@ -40,9 +40,15 @@ def _build(model: Any, output: Any, scales: str | None = None, exclude: list[str
 
     source = as_artifact(model)
     metrics = parse_task_metrics(task_metrics, [s.name for s in output_specs(source.model)]) if task_metrics else ()
-    artifact, _ = quantize_checked(source, scales, data, target=target, task_metrics=metrics, exclude=exclude or (),
-                                   adaptive_round=adaptive_round, max_float=max_float, quantize_options=options)
+    artifact, report = quantize_checked(source, scales, data, target=target, task_metrics=metrics,
+                                        exclude=exclude or (), adaptive_round=adaptive_round, max_float=max_float,
+                                        quantize_options=options)
     artifact.save(output)
+    if report.met is False:  # like a failed gate: the closest model is written, the run says it failed
+        from trtkit.errors import GateError
+
+        raise GateError(f"target {report.target}: not met ({report.measured:.4g}); blocked by {report.blocking}; "
+                        f"{output} holds the closest model")
     return Path(output)
 
 
