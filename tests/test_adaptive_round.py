@@ -181,6 +181,7 @@ def test_cli_unreachable_target_exits_1_and_names_the_blocker(setup, tmp_path):
     (["--target", "box_mae>=2"], "needs <="),
     (["--target", "positive_iou>=0.9"], "needs a --task-metric of kind 'positives'"),
     (["--target", "nope:sqnr>=20"], "no output 'nope'"),
+    (["--target", "sqnr>=20", "--max-float", "-1"], "--max-float must be >= 0"),
 ])
 def test_cli_bad_targets_are_one_line_errors(setup, tmp_path, args, message):
     folder, model, *_ = setup

@@ -245,6 +245,8 @@ def quantize_checked(
 
     from .insert import quantize
 
+    if max_float is not None and max_float < 0:
+        raise OptionError(f"--max-float must be >= 0, got {max_float}")
     source = as_artifact(model, "model")
     outputs = [spec.name for spec in output_specs(source.model)]
     goal = parse_target(target, outputs, task_metrics) if target else None
