@@ -141,7 +141,11 @@ def test_cli_quantize_with_data_rounds_and_reports(setup, tmp_path):
     assert result.returncode == 0, result.stderr
     checked = json.loads(result.stdout)["checked"]
     assert checked["target"] is None and checked["check_samples"] == 12 and checked["round_samples"] == 36
-    assert checked["decisions"][0]["action"] == "adaptive-round"
+    actions = [d["action"] for d in checked["decisions"]]
+    assert "adaptive-round" in actions and set(actions) <= {"range", "adaptive-round"}
+    for decision in checked["decisions"]:
+        if decision["action"] == "range":  # kept only where the held-out metric improved
+            assert decision["after"] > decision["before"]
     from trtkit.model import ModelArtifact
 
     assert ModelArtifact.load(out).metadata["quantization"]["checked"] == checked
@@ -229,7 +233,7 @@ def test_checked_quantization_runs_a_fixed_batch_model(tmp_path):
     scales = trtkit.calibrate(tmp_path / "fixed.onnx", calib, progress=False)
     result, report = quantize_checked(tmp_path / "fixed.onnx", scales, calib)
     assert report.check_samples == 4 and report.round_samples == 8
-    assert report.decisions[0].action == "adaptive-round" and report.measured > 10
+    assert report.decisions[-1].action == "adaptive-round" and report.measured > 10
 
 
 def test_qdq_builder_with_an_unmet_target_writes_the_model_and_fails_like_a_gate(setup, tmp_path):
@@ -244,3 +248,26 @@ def test_qdq_builder_with_an_unmet_target_writes_the_model_and_fails_like_a_gate
     with pytest.raises(GateError, match="target sqnr>=300: not met"):
         builder.build(model, tmp_path / "q.onnx", **options)
     assert (tmp_path / "q.onnx").exists()
+
+
+def test_range_choice_keeps_the_full_range_only_where_it_measures_better(tmp_path):
+    """A tensor clipped by the calibrator is tried unclipped; the decision is kept only with a better metric,
+    and the chosen amax is the observed max |x| the scales recorded."""
+    from trtkit.plugins.qdq.target import quantize_checked
+    from trtkit.scales import Scales, as_scales
+
+    model = outlier_model(tmp_path / "model.onnx")
+    calib = np.random.default_rng(6).uniform(0, 1, (24, 16, 8, 8)).astype(np.float32)
+    calibrated = as_scales(trtkit.calibrate(model, calib, progress=False))
+    # A range clipped far too tight on the input (as a calibrator can do on a tensor whose extremes matter).
+    amax = {**dict(calibrated.items()), "x": 0.1}
+    scales = Scales(amax, method=calibrated.method, stats=calibrated.stats)
+    result, report = quantize_checked(model, scales, calib, adaptive_round=False)
+    ranges = [d for d in report.decisions if d.action == "range"]
+    assert "x" in [d.what for d in ranges] and all(d.after > d.before for d in ranges)
+    chosen = result.metadata["quantization"]["activation_amax"]
+    for decision in ranges:
+        stats = calibrated.stats[decision.what]
+        assert chosen[decision.what] == pytest.approx(max(abs(stats["min"]), abs(stats["max"])))
+    _, plain = quantize_checked(model, scales, calib, adaptive_round=False, choose_ranges=False)
+    assert report.measured > plain.measured

@@ -9,11 +9,12 @@ emulated in float (what TensorRT computes); the others feed adaptive rounding. A
 `round_samples` + `check_samples` samples are read, and that many taken evenly spread. Each decision is measured on the held-out part and recorded
 (what, why, the metric before and after) in the artefact's metadata["quantization"]["decisions"]:
 
-1. adaptive rounding of every int8 weight (plugins/ptq/adaptive_round.py), kept only if it measures better;
-2. if a target is given and not met: the sensitivity of each activation quantizer (the metric with that one
+1. per activation tensor, the calibrator's range or the full observed range, whichever measures better;
+2. adaptive rounding of every int8 weight (plugins/ptq/adaptive_round.py), kept only if it measures better;
+3. if a target is given and not met: the sensitivity of each activation quantizer (the metric with that one
    Q/DQ pair removed, everything else quantized), then the most sensitive layers go to float one at a time,
    measured each time, until the target holds or `max_float` layers are float;
-3. the chosen layers are excluded from quantization and the model is quantized and rounded again (the final
+4. the chosen layers are excluded from quantization and the model is quantized and rounded again (the final
    numbers are measured on that model). A target that still fails names the layer that blocks it.
 """
 
@@ -232,11 +233,13 @@ def quantize_checked(
     min_check_samples: int = 4,
     max_float: int | None = None,
     quantize_options: Mapping[str, Any] | None = None,
+    choose_ranges: bool = True,
 ) -> tuple[ModelArtifact, TargetReport]:
     """Quantize `model` with `scales`, refine with adaptive rounding on `data`, and (with `target`) keep the
     fewest layers in float until the target holds on held-out data. Returns (QDQ artefact, report).
 
     max_float: most layers kept in float for the target (default: a quarter of the quantized layers).
+    choose_ranges: per tensor, keep the calibrator's range or the full observed range, whichever measures better.
     """
     from trtkit.model import as_artifact
     from trtkit.plugins.ptq.adaptive_round import adaptive_round as round_weights
@@ -257,6 +260,8 @@ def quantize_checked(
     reference = _run(source, check)
     options = dict(quantize_options or {})
     user_exclude = list(exclude)
+    if choose_ranges:
+        scales = _choose_ranges(source, scales, metric, reference, check, task_metrics, user_exclude, options, report)
 
     def build(float_nodes: list[str]) -> tuple[ModelArtifact, float]:
         base = quantize(source, scales, exclude=user_exclude + float_nodes, **options)
@@ -313,6 +318,43 @@ def quantize_checked(
         report.blocking = (f"{', '.join(left[0][2])} (input '{left[0][1]}')" if left else
                            "no activation quantizer left to remove")
     return _finish(result, report)
+
+
+def _choose_ranges(source: ModelArtifact, scales: Any, metric: Target, reference: Mapping[str, np.ndarray],
+                   check: Mapping[str, np.ndarray], task_metrics: Sequence[TaskMetric], exclude: list[str],
+                   options: Mapping[str, Any], report: TargetReport) -> Any:
+    """Per activation tensor, the calibrator's (clipped) range or the full observed range (max |x|, recorded by
+    calibration): each clipped tensor in turn is tried unclipped and kept so where the held-out metric improves.
+    One calibrator is rarely right for every tensor (percentile clips detector score logits whose extremes are
+    the detections; minmax wastes levels on outliers elsewhere). Returns the scales to use."""
+    from trtkit.scales import Scales, as_scales
+
+    from .insert import quantize
+
+    given = as_scales(scales)
+    full = {name: max(abs(float(st.get("min", 0.0))), abs(float(st.get("max", 0.0))))
+            for name, st in given.stats.items() if name in given}
+    clipped = sorted(name for name, value in full.items() if value > 1.01 * given[name])
+    if not clipped:
+        return scales
+    amax = dict(given.items())
+    current = measure(metric, reference, _run(quantize(source, given, exclude=exclude, **options), check),
+                      task_metrics)
+    kept = []
+    for name in clipped:
+        trial_amax = {**amax, name: full[name]}
+        trial = measure(metric, reference, _run(quantize(source, trial_amax, exclude=exclude, strict_names=False,
+                                                         **options), check), task_metrics)
+        if metric.better(trial, current):
+            report.decisions.append(Decision("range", name, f"full range {full[name]:.4g} instead of the "
+                                             f"calibrator's {given[name]:.4g}", current, trial))
+            amax, current = trial_amax, trial
+            kept.append(name)
+    if not kept:
+        return scales
+    sources = {name: ("max" if name in kept else given.sources.get(name, given.method)) for name in amax}
+    return Scales(amax, method=given.method, options=given.options, model=given.model, data=given.data,
+                  sources=sources, stats=given.stats)
 
 
 def _finish(result: ModelArtifact, report: TargetReport) -> tuple[ModelArtifact, TargetReport]:
