@@ -55,13 +55,6 @@ def quantize_command(
             raise OptionError(f"{flag} needs --data (the result is measured on held-out samples)")
     output = output or model.with_name(model.stem + ".int8.onnx")
     check_output_path(output, model)
-    metrics: Any = ()
-    if task_metric:
-        from trtkit.metrics import parse_task_metrics
-        from trtkit.model import as_artifact
-        from trtkit.runtime import output_specs
-
-        metrics = parse_task_metrics(task_metric, [s.name for s in output_specs(as_artifact(model).model)])
     source: Any = scales if scales is not None else calibrate(model, data, method=method)
     options = {"exclude_op_types": exclude_op_type or (), "per_channel": not per_tensor,
                "reduce_range": reduce_range, "concat_max_ratio": concat_max_ratio}
@@ -71,7 +64,7 @@ def quantize_command(
     else:
         from trtkit.plugins.qdq.target import quantize_checked
 
-        artifact, checked = quantize_checked(model, source, data, target=target, task_metrics=metrics,
+        artifact, checked = quantize_checked(model, source, data, target=target, task_metrics=task_metric or (),
                                              exclude=exclude or (), adaptive_round=adaptive_round,
                                              max_float=max_float, quantize_options=options)
         artifact.save(output)

@@ -32,15 +32,9 @@ def _build(model: Any, output: Any, scales: str | None = None, exclude: list[str
             raise OptionError("builder 'qdq' option 'target' needs option 'data'")
         quantize(model, scales, output=output, exclude=exclude or (), **options)
         return Path(output)
-    from trtkit.metrics import parse_task_metrics
-    from trtkit.model import as_artifact
-    from trtkit.runtime import output_specs
-
     from .target import quantize_checked
 
-    source = as_artifact(model)
-    metrics = parse_task_metrics(task_metrics, [s.name for s in output_specs(source.model)]) if task_metrics else ()
-    artifact, report = quantize_checked(source, scales, data, target=target, task_metrics=metrics,
+    artifact, report = quantize_checked(model, scales, data, target=target, task_metrics=task_metrics or (),
                                         exclude=exclude or (), adaptive_round=adaptive_round, max_float=max_float,
                                         quantize_options=options)
     artifact.save(output)

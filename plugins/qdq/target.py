@@ -225,7 +225,7 @@ def quantize_checked(
     scales: Any,
     data: Any,
     target: str | None = None,
-    task_metrics: Sequence[TaskMetric] = (),
+    task_metrics: Sequence[str | Mapping[str, Any]] = (),
     exclude: Iterable[str] = (),
     adaptive_round: bool = True,
     round_samples: int = 64,
@@ -238,9 +238,11 @@ def quantize_checked(
     """Quantize `model` with `scales`, refine with adaptive rounding on `data`, and (with `target`) keep the
     fewest layers in float until the target holds on held-out data. Returns (QDQ artefact, report).
 
+    task_metrics: task metric specs as `trtkit eval --task-metric` takes them (a target may name their metrics).
     max_float: most layers kept in float for the target (default: a quarter of the quantized layers).
     choose_ranges: per tensor, keep the calibrator's range or the full observed range, whichever measures better.
     """
+    from trtkit.metrics import parse_task_metrics
     from trtkit.model import as_artifact
     from trtkit.plugins.ptq.adaptive_round import adaptive_round as round_weights
     from trtkit.runtime import output_specs
@@ -252,7 +254,8 @@ def quantize_checked(
         raise OptionError(f"--max-float must be >= 0, got {max_float}")
     source = as_artifact(model, "model")
     outputs = [spec.name for spec in output_specs(source.model)]
-    goal = parse_target(target, outputs, task_metrics) if target else None
+    metrics = parse_task_metrics(list(task_metrics), outputs) if task_metrics else []
+    goal = parse_target(target, outputs, metrics) if target else None
     metric = goal or Target(metric="sqnr", op=">=", value=float("-inf"), text="")
     fit, check = _split(data, source, round_samples, check_samples, min_check_samples)
     report = TargetReport(metric=metric.metric, target=goal.text if goal else None,
@@ -261,15 +264,15 @@ def quantize_checked(
     options = dict(quantize_options or {})
     user_exclude = list(exclude)
     if choose_ranges:
-        scales = _choose_ranges(source, scales, metric, reference, check, task_metrics, user_exclude, options, report)
+        scales = _choose_ranges(source, scales, metric, reference, check, metrics, user_exclude, options, report)
 
     def build(float_nodes: list[str]) -> tuple[ModelArtifact, float]:
         base = quantize(source, scales, exclude=user_exclude + float_nodes, **options)
-        plain = measure(metric, reference, _run(base, check), task_metrics)
+        plain = measure(metric, reference, _run(base, check), metrics)
         if not adaptive_round:
             return base, plain
         rounded, rounding = round_weights(base, source, fit)
-        refined = measure(metric, reference, _run(rounded, check), task_metrics)
+        refined = measure(metric, reference, _run(rounded, check), metrics)
         keep = metric.better(refined, plain)
         report.decisions.append(Decision(
             "adaptive-round", f"{len(rounding.layers)} layers",
@@ -287,7 +290,7 @@ def quantize_checked(
     limit = max_float if max_float is not None else max(1, len(quantizers) // 4)
     gains = []
     for tensor, layers in track(quantizers, description="quantizer sensitivity"):
-        trial = measure(metric, reference, _run(_without_quantizers(result.model, [tensor]), check), task_metrics)
+        trial = measure(metric, reference, _run(_without_quantizers(result.model, [tensor]), check), metrics)
         gains.append((trial if goal.op == ">=" else -trial, tensor, layers))
     gains.sort(key=lambda g: (-g[0], g[1]))
     chosen: list[str] = []
@@ -297,7 +300,7 @@ def quantize_checked(
         if goal.met(current) or len(chosen) >= limit:
             break
         trial = measure(metric, reference, _run(_without_quantizers(result.model, tensors + [tensor]), check),
-                        task_metrics)
+                        metrics)
         if not goal.better(trial, current):
             continue
         report.decisions.append(Decision("float", ", ".join(layers), f"input '{tensor}' is the most sensitive "
