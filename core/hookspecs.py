@@ -21,7 +21,7 @@ import pluggy
 if TYPE_CHECKING:
     import typer
 
-    from .stages import Builder, Calibrator, Evaluator, Exporter, GraphPass
+    from .stages import Builder, Calibrator, Evaluator, Exporter, GraphPass, PruningCriterion
 
 hookspec = pluggy.HookspecMarker("trtkit")
 hookimpl = pluggy.HookimplMarker("trtkit")
@@ -50,6 +50,11 @@ def register_builders(register: Callable[[Builder], None]) -> None:
 @hookspec
 def register_evaluators(register: Callable[[Evaluator], None]) -> None:
     """Register evaluators that measure artefacts (accuracy, speed, per-layer error, reports)."""
+
+
+@hookspec
+def register_pruning_criteria(register: Callable[[PruningCriterion], None]) -> None:
+    """Register pruning criteria that score the channels of a torch model for structured pruning."""
 
 
 @hookspec

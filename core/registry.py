@@ -28,7 +28,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import OptionError, PluginError, unknown_name
-from .stages import STAGES, Builder, Calibrator, Component, Evaluator, Exporter, GraphPass
+from .stages import STAGES, Builder, Calibrator, Component, Evaluator, Exporter, GraphPass, PruningCriterion
 
 ENTRY_POINT_GROUP = "trtkit"
 BUILTIN_DISTRIBUTION = "trtkit"
@@ -79,6 +79,9 @@ class Registry:
     def evaluator(self, name: str) -> Evaluator:
         return self.get("evaluators", name)  # type: ignore[return-value]
 
+    def pruning_criterion(self, name: str) -> PruningCriterion:
+        return self.get("pruning_criteria", name)  # type: ignore[return-value]
+
     def default(self, stage: str) -> Component:
         """The component of `stage` used when none is named: the first registered one marked `default=True`
         (built-ins register first, so a third party cannot take the default from them)."""
@@ -97,6 +100,7 @@ _SINGULAR = {
     "calibrators": "calibrator",
     "builders": "builder",
     "evaluators": "evaluator",
+    "pruning_criteria": "pruning criterion",
 }
 _registry: Registry | None = None
 

@@ -260,6 +260,38 @@ class Evaluator(Component):
             raise ValueError(f"evaluator '{self.name}': compares must be 'pair' or 'all', not {self.compares!r}")
 
 
+# What a pruning criterion can score (PruningCriterion.kinds).
+PRUNABLE_KINDS = ("conv", "linear", "norm")
+
+
+@dataclass(frozen=True)
+class PruningCriterion(Component):
+    """Scores the channels of a torch model for structured pruning (how important each channel is).
+
+    score(weight, kind, grad, **options) -> torch.Tensor [channels]   (higher: more important, kept)
+      weight: one parameter of a layer in a group of coupled channels, channel-first and flattened to
+        [channels, k] (a Conv/Linear weight sliced along the pruned dimension, or a norm's scale with k = 1).
+      kind: "conv", "linear" or "norm" (BatchNorm/LayerNorm/GroupNorm scale).
+      grad: the gradient of the same shape (a label-free loss on the calibration data) when `needs_data`,
+        else None.
+      The core averages the scores over the group's layers the criterion scores (`kinds`), normalises them
+      by their mean and removes the lowest channels (per layer or globally).
+    kinds: the layer kinds it scores (a group with none of them is left unpruned).
+    needs_data: True for data-driven criteria (Taylor): the core back-propagates a label-free loss over the
+      calibration batches first (gradients are passed as `grad`).
+    """
+
+    score: Callable[..., Any] = field(default=_not_registered, repr=False)
+    kinds: tuple[str, ...] = PRUNABLE_KINDS
+    needs_data: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [kind for kind in self.kinds if kind not in PRUNABLE_KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"pruning criterion '{self.name}': kinds must be some of "
+                             f"{', '.join(PRUNABLE_KINDS)}, not {self.kinds!r}")
+
+
 @dataclass
 class EvaluationResult:
     """What an evaluator returns: machine-readable data, a human summary, and whether its gates passed."""
@@ -275,4 +307,5 @@ STAGES: dict[str, type[Component]] = {
     "calibrators": Calibrator,
     "builders": Builder,
     "evaluators": Evaluator,
+    "pruning_criteria": PruningCriterion,
 }

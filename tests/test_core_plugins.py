@@ -16,9 +16,9 @@ from trtkit.stages import Calibrator, Component, GraphPass, Option
 
 BUILTINS = {
     "torch_export", "passes", "calibrators", "qdq", "onnxruntime_builder", "tensorrt", "evaluators",
-    "jetson", "ptq",
-} | {f"commands.{name}" for name in ("export", "optimize", "calibrate", "quantize", "build", "inspect", "eval",
-                                     "run", "init")}
+    "jetson", "ptq", "prune",
+} | {f"commands.{name}" for name in ("export", "prune", "optimize", "calibrate", "quantize", "build", "inspect",
+                                     "eval", "run", "init")}
 
 
 @pytest.fixture(scope="module")

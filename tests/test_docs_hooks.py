@@ -21,10 +21,10 @@ def signature_text(name: str, fn: object) -> str:
     return f"def {name}({params}) -> {sig.return_annotation}"
 
 
-def test_there_are_six_hooks():
+def test_there_are_seven_hooks():
     assert sorted(hook_functions()) == [
         "register_builders", "register_calibrators", "register_commands", "register_evaluators",
-        "register_exporters", "register_passes",
+        "register_exporters", "register_passes", "register_pruning_criteria",
     ]
 
 
