@@ -35,6 +35,9 @@ from .stages import Builder, Calibrator
 if TYPE_CHECKING:
     import onnx
 
+    from .data import DataFingerprint, DataShard, DataSource
+    from .engine import Execution
+
 
 FINE_BINS = 8192          # internal histogram resolution (power of two)
 HISTOGRAM_BINS = 2048     # default bins of TensorStats.histogram over [0, observed |x| max]
@@ -345,6 +348,8 @@ def collect(
     progress: bool = True,
     histograms: bool = True,
     histogram_positions: int | None = DEFAULT_HISTOGRAM_POSITIONS,
+    execution: Execution | None = None,
+    cast: bool = False,
 ) -> Statistics:
     """Run the model over the data once (onnxruntime, FP32) and reduce every observed tensor's values.
 
@@ -354,22 +359,76 @@ def collect(
     histogram_positions: histograms see at most about this many positions of each sample of each tensor (the same
     positions in every sample, evenly spread, so results still do not depend on batching); None = every value.
     min/max are always exact. Histogramming every value is exact but can cost more than the inference itself.
+    execution: run on an engine's workers (`trtkit.engine.Execution`; None or in-process: here). `data` is
+    then a data file or image folder (`collect_sharded` takes one already loaded); each worker collects the
+    statistics of a contiguous shard of it and the shards are merged in order: the result is the
+    in-process one, byte for byte.
     """
-    from .data import DataFingerprint, DataSource, batch_len, load_data
+    from .data import DataSource, load_data
     from .model import as_artifact
-    from .runtime import session
 
     artifact = as_artifact(model)
     onnx_model = artifact.model
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx_model.graph.node):
         raise InputFileError(f"{artifact.source or 'model'}: already quantized (has Q/DQ nodes); calibrate the FP32 model")
     source = data if isinstance(data, DataSource) else load_data(
-        data, onnx_model, batch_size=batch_size, limit=limit, preprocess=preprocess
+        data, onnx_model, batch_size=batch_size, limit=limit, preprocess=preprocess, cast=cast
     )
     names = tensors_to_observe(onnx_model, tensors)
-    outputs = {o.name for o in onnx_model.graph.output}
+    if execution is not None and not execution.in_process:
+        if isinstance(data, DataSource):
+            raise OptionError("collect on workers: pass the data file or folder (workers read it by path), "
+                              "not a loaded DataSource; see collect_sharded")
+        stats, fingerprint = _collect_sharded(artifact, data, source, names, execution, histograms,
+                                              histogram_positions, preprocess, cast)
+    else:
+        threads = threads or calibration_threads()
+        stats, fingerprint = _observe(artifact, source, names, threads, progress, histograms, histogram_positions)
+    return _statistics(artifact, source, stats, fingerprint, histograms, histogram_positions)
+
+
+def collect_sharded(model: Any, path: Any, source: DataSource, execution: Execution,
+                    tensors: str | Iterable[str] = "quantizable", histograms: bool = True,
+                    histogram_positions: int | None = DEFAULT_HISTOGRAM_POSITIONS, preprocess: Any = None,
+                    cast: bool = False) -> Statistics:
+    """`collect` on the workers of `execution` for a DataSource already loaded (and checked) from `path`."""
+    from .model import as_artifact
+
+    artifact = as_artifact(model)
+    names = tensors_to_observe(artifact.model, tensors)
+    stats, fingerprint = _collect_sharded(artifact, path, source, names, execution, histograms,
+                                          histogram_positions, preprocess, cast)
+    return _statistics(artifact, source, stats, fingerprint, histograms, histogram_positions)
+
+
+def _statistics(artifact: Any, source: DataSource, stats: dict[str, TensorStats], fingerprint: DataFingerprint,
+                histograms: bool, histogram_positions: int | None) -> Statistics:
+    onnx_model = artifact.model
+    for name in list(stats):
+        if stats[name].count == 0:  # e.g. non-float outputs after all
+            del stats[name]
+    for name, item in stats.items():
+        if item.nonfinite:
+            raise DataError(f"tensor '{name}' produced {item.nonfinite} NaN/Inf value(s) on the calibration data")
+    model_info = {"sha256": model_fingerprint(onnx_model), "name": artifact.source.name if artifact.source else None}
+    data_info = {"sha256": fingerprint.hexdigest(), "samples": fingerprint.num_samples, "source": source.description,
+                 "histogram_positions_per_sample": histogram_positions}  # key kept: scales bytes are pinned
+    return Statistics(stats, fingerprint.num_samples, model_info, data_info, tensor_names(onnx_model), histograms)
+
+
+def _observe(artifact: Any, source: DataSource, names: list[str], threads: int, progress: bool, histograms: bool,
+             histogram_positions: int | None, shard: bool = False) -> tuple[dict[str, TensorStats], DataFingerprint]:
+    """The pass itself: statistics of `names` over `source` (not yet checked for emptiness or NaN).
+
+    shard: `source` is a shard starting after sample 0 (`DataShard`): runs are then cut as the whole pass cuts
+    them (the first run of one sample, which sizes the runs, is made and its statistics dropped), so every
+    sample runs in the same company as in one pass and onnxruntime returns the same values for it.
+    """
+    from .data import DataFingerprint, batch_len
+    from .runtime import session
+
+    outputs = {o.name for o in artifact.model.graph.output}
     extra = [n for n in names if n not in outputs]
-    threads = threads or calibration_threads()
     sess = session(artifact, threads=threads, extra_outputs=extra)
     available = {o.name for o in sess.get_outputs()} | {i.name for i in sess.get_inputs()}
     fetch = [n for n in names if n in available and n not in source.input_names]
@@ -415,19 +474,72 @@ def collect(
                     pending = None
                     observed = sum(getattr(value, "nbytes", 0) for value in results) or 1
                     per_run = _divisor_at_most(source.batch_size, RUN_BYTES // observed)
+                    if shard:  # the sizing run only: this batch runs again, cut as the whole pass cuts it
+                        start = 0
+                        continue
                     reduce(part, results)
         if pending is not None:
             reduce(*_result(pending))
-    for name in list(stats):
-        if stats[name].count == 0:  # e.g. non-float outputs after all
-            del stats[name]
-    for name, item in stats.items():
-        if item.nonfinite:
-            raise DataError(f"tensor '{name}' produced {item.nonfinite} NaN/Inf value(s) on the calibration data")
-    model_info = {"sha256": model_fingerprint(onnx_model), "name": artifact.source.name if artifact.source else None}
-    data_info = {"sha256": fingerprint.hexdigest(), "samples": fingerprint.num_samples, "source": source.description,
-                 "histogram_positions_per_sample": histogram_positions}  # key kept: scales bytes are pinned
-    return Statistics(stats, fingerprint.num_samples, model_info, data_info, tensor_names(onnx_model), histograms)
+    return stats, fingerprint
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    """What one worker collects: the tensors `names` over `shard` (a data file's sample range)."""
+
+    shard: DataShard
+    names: tuple[str, ...]
+    histograms: bool
+    histogram_positions: int | None
+
+
+def _collect_shard(model: bytes | str, job: _ShardJob) -> dict[str, TensorStats]:
+    """On a worker: the statistics of one shard (one onnxruntime thread: the engine gives each call one CPU).
+    Errors name the shard's file and sample range."""
+    from .errors import TrtkitError
+    from .model import ModelArtifact, as_artifact
+
+    try:
+        if isinstance(model, bytes):
+            import onnx
+
+            artifact = ModelArtifact.from_model(onnx.load_from_string(model))
+        else:
+            artifact = as_artifact(model)
+        source = job.shard.load(artifact.model)
+        stats, _ = _observe(artifact, source, list(job.names), 1, False, job.histograms, job.histogram_positions,
+                            shard=job.shard.start > 0)
+    except TrtkitError as exc:
+        message, path = first_line(exc), job.shard.path
+        where = f"{job.shard}{message[len(path):]}" if message.startswith(f"{path}:") else f"{job.shard}: {message}"
+        raise type(exc)(where) from None
+    return stats
+
+
+def _collect_sharded(artifact: Any, path: Any, source: DataSource, names: list[str], execution: Execution,
+                     histograms: bool, histogram_positions: int | None, preprocess: Any, cast: bool,
+                     ) -> tuple[dict[str, TensorStats], DataFingerprint]:
+    """Statistics merged over shards run by `execution`, in shard order, and the data's fingerprint (computed
+    here, reading the data once while the workers run: SHA-256 does not merge)."""
+    from .data import DataFingerprint, shard_data
+
+    shards = shard_data(path, source, execution.slots(), preprocess, cast)
+    shared: bytes | str = (str(artifact.source) if artifact.has_external_data() and artifact.source
+                           else artifact.model.SerializeToString())
+    jobs = [_ShardJob(shard, tuple(names), histograms, histogram_positions) for shard in shards]
+
+    def fingerprint_pass() -> DataFingerprint:
+        fingerprint = DataFingerprint(source.input_names)
+        for feeds in source.batches():  # also the data checks and constant-sample warnings of a whole pass
+            fingerprint.update(feeds)
+        return fingerprint
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtkit-fingerprint") as pool:
+        hashing = pool.submit(fingerprint_pass)
+        parts = execution.map(_collect_shard, shared, jobs)
+        fingerprint = hashing.result()
+    merged = {name: functools.reduce(TensorStats.merge, (part[name] for part in parts)) for name in parts[0]}
+    return merged, fingerprint
 
 
 def _track_samples(batches: Iterator[dict[str, np.ndarray]], total: int | None) -> Iterator[dict[str, np.ndarray]]:
@@ -595,6 +707,20 @@ class CalibrationSettings:
         return collect(model, data, tensors=self.tensors, batch_size=self.batch_size, limit=self.limit,
                        preprocess=self.preprocess, threads=threads, progress=progress, histograms=self.histograms,
                        histogram_positions=self.histogram_positions)
+
+    def collect_on(self, execution: Execution, model: Any, path: Any, source: DataSource | None = None,
+                   cast: bool = False) -> Statistics:
+        """`collect` on the workers of `execution`: shards of the data file or folder `path` (`source`: the
+        DataSource already loaded from it, else loaded here); the same Statistics as in-process."""
+        from .data import load_data
+        from .model import as_artifact
+
+        artifact = as_artifact(model)
+        if source is None:
+            source = load_data(path, artifact.model, batch_size=self.batch_size, limit=self.limit,
+                               preprocess=self.preprocess, cast=cast)
+        return collect_sharded(artifact, path, source, execution, tensors=self.tensors, histograms=self.histograms,
+                               histogram_positions=self.histogram_positions, preprocess=self.preprocess, cast=cast)
 
     def scales(self, stats: Statistics) -> Scales:
         """Scales from `stats` with this calibrator, its options and the overrides."""

@@ -62,6 +62,27 @@ ThreadsFlag = Annotated[int | None, typer.Option(
 )]
 
 
+# Execution: where the heavy loops run (trtkit.engine). One worker and no address: in this process, and no
+# engine is looked up or imported; more, or an address: the default engine plugin (Ray), checked usable.
+WorkersFlag = Annotated[int | None, typer.Option(
+    "--workers", help="Run on this many workers of the execution engine (Ray; pip install 'trtkit[ray]'), "
+    "each one CPU, on shards of the data; results identical to one worker. Default: 1, in this process.",
+    show_default=False,
+)]
+RayAddressFlag = Annotated[str | None, typer.Option(
+    "--ray-address", help="Run on the Ray cluster at this address (`ray start --head` prints it; 'auto': the "
+    "one on this machine). Without --workers: every CPU of the cluster.", show_default=False,
+)]
+
+
+def execution(workers: int | None, address: str | None) -> Any:
+    """The `trtkit.engine.Execution` of --workers / --ray-address (checked: a one-line error if not usable)."""
+    from .engine import Execution
+
+    return Execution.create(workers=workers, address=address,
+                            where="--ray-address" if address and workers is None else "--workers")
+
+
 # Data: the samples a command runs the model on.
 DataFlag = Annotated[str | None, typer.Option("--data", "-d", help="Samples: .npy, .npz or a folder of images.")]
 BatchSizeFlag = Annotated[int, typer.Option("--batch-size", "-b", help="Samples per run of the model.")]

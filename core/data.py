@@ -128,6 +128,7 @@ class DataSource:
     one_shot: bool = False
     cast: bool = False  # integer/bool data for float inputs cast as is (else refused)
     _warned: bool = field(default=False, repr=False)  # constant samples are reported on the first full read
+    first: int = 0  # index of the first sample in the whole data (a shard's rows start later; errors say so)
 
     @property
     def input_names(self) -> list[str]:
@@ -138,7 +139,7 @@ class DataSource:
         if self.one_shot and self._consumed:
             raise DataError(f"{self.description}: a one-shot iterator can only be read once; pass a callable or a list")
         self._consumed = True
-        offset = 0
+        offset = self.first
         constant: dict[str, list[np.ndarray]] = {}
         for raw in self._make():
             feeds = _validate(raw, self.inputs, self.description, offset, self.cast)
@@ -148,14 +149,14 @@ class DataSource:
                     constant.setdefault(name, []).append(flat + offset)
             offset += batch_len(feeds)
             yield feeds
-        if offset == 0:
+        if offset == self.first:
             raise DataError(f"{self.description}: no samples")
         if not self._warned:
             self._warned = True
             for name, parts in constant.items():
                 _warn_constant(self.description, name, np.concatenate(parts), offset)
         if self.num_samples is None:
-            self.num_samples = offset
+            self.num_samples = offset - self.first
 
     def peek(self) -> dict[str, np.ndarray]:
         """The first validated batch (for shape checks before heavy work)."""
@@ -290,10 +291,11 @@ def _fixed_batch(specs: list[TensorSpec]) -> int | None:
     return None
 
 
-def _slices(arrays: dict[str, Any], total: int, batch_size: int, fixed: int | None) -> Iterator[dict[str, Any]]:
+def _slices(arrays: dict[str, Any], total: int, batch_size: int, fixed: int | None, first: int = 0
+            ) -> Iterator[dict[str, Any]]:
     step = fixed or batch_size
     stop = total - (total % step) if fixed else total
-    for start in range(0, stop, step):
+    for start in range(first, stop, step):
         yield {name: np.asarray(array[start:start + step]) for name, array in arrays.items()}
 
 
@@ -317,6 +319,7 @@ def load_data(
     limit: int | None = None,
     preprocess: Preprocess | Mapping[str, Any] | None = None,
     cast: bool = False,
+    rows: tuple[int, int] | None = None,
 ) -> DataSource:
     """A validated DataSource for `model` (path, ModelArtifact, ModelProto or list of TensorSpec).
 
@@ -324,6 +327,8 @@ def load_data(
     cast: accept integer/bool data for float inputs (cast as is); without it such data is a DataError.
     Samples whose values are all equal (all-zero arrays, blank frames) are named in one warning line per
     input once the data has been read.
+    rows: (start, stop) of a file or folder: only those samples, batched as the whole data is (a shard,
+    `DataShard`; start is a multiple of the batch size); errors name the samples by their index in the file.
     """
     if batch_size < 1:
         raise OptionError(f"batch size must be >= 1, got {batch_size}")
@@ -340,7 +345,7 @@ def load_data(
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
         if path.is_dir():
-            return _image_folder(path, specs, batch_size, limit, preprocess, fixed)
+            return _image_folder(path, specs, batch_size, limit, preprocess, fixed, rows)
         if not path.is_file():
             raise InputFileError(f"{path}: no such file or folder")
         suffix = path.suffix.lower()
@@ -352,14 +357,14 @@ def load_data(
             if len(specs) != 1:
                 names = ", ".join(s.name for s in specs)
                 raise DataError(f"{path}: a .npy file feeds one input, the model has {len(specs)} ({names}); use .npz")
-            return _arrays({specs[0].name: array}, specs, batch_size, limit, str(path), fixed, cast)
+            return _arrays({specs[0].name: array}, specs, batch_size, limit, str(path), fixed, cast, rows)
         if suffix == ".npz":
             try:
                 archive = np.load(path, allow_pickle=False)
                 arrays = {key: archive[key] for key in archive.files}
             except Exception as exc:
                 raise InputFileError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
-            return _arrays(arrays, specs, batch_size, limit, str(path), fixed, cast)
+            return _arrays(arrays, specs, batch_size, limit, str(path), fixed, cast, rows)
         raise InputFileError(f"{path}: unsupported data file (use .npy, .npz or a folder of images)")
     if isinstance(spec, np.ndarray):
         if len(specs) != 1:
@@ -376,7 +381,7 @@ def load_data(
 
 
 def _arrays(arrays: dict[str, Any], specs: list[TensorSpec], batch_size: int, limit: int | None, where: str,
-            fixed: int | None, cast: bool = False) -> DataSource:
+            fixed: int | None, cast: bool = False, rows: tuple[int, int] | None = None) -> DataSource:
     names = [s.name for s in specs]
     for key in arrays:
         if key not in names:
@@ -397,13 +402,16 @@ def _arrays(arrays: dict[str, Any], specs: list[TensorSpec], batch_size: int, li
     total = counts.pop()
     if limit is not None:
         total = min(total, limit)
+    first = 0
+    if rows is not None:
+        first, total = rows[0], min(total, rows[1])
     if total == 0:
         raise DataError(f"{where}: no samples")
     if fixed and total < fixed:
         raise DataError(f"{where}: {total} sample(s), fewer than the model's fixed batch size {fixed}")
     used = total - total % fixed if fixed else total
-    return DataSource(specs, fixed or batch_size, used, where, lambda: _slices(arrays, total, batch_size, fixed),
-                      cast=cast)
+    return DataSource(specs, fixed or batch_size, used - first, where,
+                      lambda: _slices(arrays, total, batch_size, fixed, first), cast=cast, first=first)
 
 
 def _rebatch(items: Iterable[Any], specs: list[TensorSpec], limit: int | None, where: str, cast: bool = False
@@ -506,7 +514,8 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def _image_folder(folder: Path, specs: list[TensorSpec], batch_size: int, limit: int | None,
-                  preprocess: Preprocess | Mapping[str, Any] | None, fixed: int | None) -> DataSource:
+                  preprocess: Preprocess | Mapping[str, Any] | None, fixed: int | None,
+                  rows: tuple[int, int] | None = None) -> DataSource:
     if len(specs) != 1:
         raise DataError(f"{folder}: an image folder feeds one input, the model has {len(specs)}")
     spec = specs[0]
@@ -533,13 +542,14 @@ def _image_folder(folder: Path, specs: list[TensorSpec], batch_size: int, limit:
     step = fixed or batch_size
     used = len(files) - len(files) % fixed if fixed else len(files)
     dtype = prep.dtype or spec.dtype
+    first, used = (rows[0], min(used, rows[1])) if rows is not None else (0, used)
 
     def make() -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, used, step):
+        for start in range(first, used, step):
             batch = np.stack([_load_image(f, prep, size, channels, layout) for f in files[start:start + step]])
             yield {spec.name: batch.astype(dtype)}
 
-    source = DataSource(specs, step, used, str(folder), make)
+    source = DataSource(specs, step, used - first, str(folder), make, first=first)
     source.peek()
     return source
 
@@ -592,6 +602,47 @@ def _load_image(path: Path, prep: Preprocess, size: tuple[int, int], channels: i
     if layout == "nchw":
         array = array.transpose(2, 0, 1)
     return np.ascontiguousarray(array)
+
+
+# ---- shards: what a worker reads -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataShard:
+    """Samples [start, stop) of a data file or image folder, read where it runs (a description, no arrays):
+    every worker must see `path` (the same path on every machine of a cluster)."""
+
+    path: str
+    start: int
+    stop: int
+    batch_size: int
+    preprocess: Preprocess | None = None
+    cast: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.path} samples {self.start}-{self.stop - 1}"
+
+    def load(self, model: Any) -> DataSource:
+        """The DataSource of these samples for `model`, batched as a pass over the whole data would be;
+        warnings about constant samples are left to the pass that reads the whole data."""
+        source = load_data(self.path, model, batch_size=self.batch_size, preprocess=self.preprocess,
+                           cast=self.cast, rows=(self.start, self.stop))
+        source._warned = True
+        return source
+
+
+def shard_data(spec: Any, source: DataSource, parts: int, preprocess: Preprocess | Mapping[str, Any] | None = None,
+               cast: bool = False, what: str = "--workers") -> list[DataShard]:
+    """`source` (loaded from `spec`) cut into at most `parts` contiguous shards on batch boundaries, in order.
+    Workers read the data by path, so `spec` must be a data file or an image folder (OptionError otherwise)."""
+    from .engine import split
+
+    if not isinstance(spec, (str, os.PathLike)) or source.num_samples is None:
+        raise OptionError(f"{what}: workers read the data by path; give a .npy/.npz file or an image folder, "
+                          f"not {source.description}")
+    path = str(Path(spec).resolve())
+    prep = preprocess if isinstance(preprocess, Preprocess) or preprocess is None else Preprocess.from_options(preprocess)
+    return [DataShard(path, start, stop, source.batch_size, prep, cast)
+            for start, stop in split(source.num_samples, parts, source.batch_size)]
 
 
 # ---- fingerprints ------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pluggy
 if TYPE_CHECKING:
     import typer
 
-    from .stages import Builder, Calibrator, Evaluator, Exporter, GraphPass, PruningCriterion
+    from .stages import Builder, Calibrator, Engine, Evaluator, Exporter, GraphPass, PruningCriterion
 
 hookspec = pluggy.HookspecMarker("trtkit")
 hookimpl = pluggy.HookimplMarker("trtkit")
@@ -55,6 +55,11 @@ def register_evaluators(register: Callable[[Evaluator], None]) -> None:
 @hookspec
 def register_pruning_criteria(register: Callable[[PruningCriterion], None]) -> None:
     """Register pruning criteria that score the channels of a torch model for structured pruning."""
+
+
+@hookspec
+def register_engines(register: Callable[[Engine], None]) -> None:
+    """Register execution engines that run shards of the heavy loops on several workers (Ray, ...)."""
 
 
 @hookspec

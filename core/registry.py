@@ -100,6 +100,7 @@ _SINGULAR = {
     "calibrators": "calibrator",
     "builders": "builder",
     "evaluators": "evaluator",
+    "engines": "engine",
     "pruning_criteria": "pruning criterion",
 }
 _registry: Registry | None = None

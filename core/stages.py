@@ -301,11 +301,32 @@ class EvaluationResult:
     passed: bool = True
 
 
+@dataclass(frozen=True)
+class Engine(Component):
+    """Runs independent calls (shards of a data set, variants of a model) on several workers (`trtkit.engine`).
+
+    map(work, shared, items, workers=N, address=A) -> list
+      Calls work(shared, item) for every item on the workers and returns the results in the items' order.
+      `work` is a module-level function (workers import it by name); `shared` (a model's bytes) reaches the
+      workers once; items are small descriptions (a data file and a sample range), never arrays. A dead
+      worker's call is retried; a call that fails raises its own exception (class and message).
+      workers: calls at once (None: every CPU of the cluster); address: the cluster (None: a local one).
+    slots(workers, address) -> int   how many calls run at once with these settings (connecting as needed)
+    available() -> str | None        None when usable here, else the reason (e.g. the extra to install)
+    default: the engine `--workers N` uses when none is named.
+    """
+
+    map: Callable[..., list[Any]] = field(default=_not_registered, repr=False)
+    slots: Callable[[int | None, str | None], int] = field(default=_not_registered, repr=False)
+    available: Callable[[], str | None] = field(default=lambda: None, repr=False)
+
+
 STAGES: dict[str, type[Component]] = {
     "exporters": Exporter,
     "passes": GraphPass,
     "calibrators": Calibrator,
     "builders": Builder,
     "evaluators": Evaluator,
+    "engines": Engine,
     "pruning_criteria": PruningCriterion,
 }

@@ -7,7 +7,7 @@ import sys
 
 from conftest import run_cli
 
-HEAVY = ("torch", "onnxruntime", "onnx", "tensorrt", "tensorrt_rtx", "matplotlib", "onnx_graphsurgeon")
+HEAVY = ("torch", "onnxruntime", "onnx", "tensorrt", "tensorrt_rtx", "matplotlib", "onnx_graphsurgeon", "ray")
 
 
 def test_help_lists_every_stage_command():

@@ -21,9 +21,9 @@ def signature_text(name: str, fn: object) -> str:
     return f"def {name}({params}) -> {sig.return_annotation}"
 
 
-def test_there_are_seven_hooks():
+def test_there_are_eight_hooks():
     assert sorted(hook_functions()) == [
-        "register_builders", "register_calibrators", "register_commands", "register_evaluators",
+        "register_builders", "register_calibrators", "register_commands", "register_engines", "register_evaluators",
         "register_exporters", "register_passes", "register_pruning_criteria",
     ]
 

@@ -19,7 +19,10 @@ from trtkit.cli_args import (
     JsonFlag,
     NumSamplesFlag,
     PreprocessFlag,
+    RayAddressFlag,
     ThreadsFlag,
+    WorkersFlag,
+    execution,
     options_flag,
     output_flag,
     parse_options,
@@ -45,6 +48,8 @@ def calibrate_command(
     cast: CastFlag = False,
     histogram_positions: Annotated[int | None, typer.Option("--histogram-positions", help="Histogram at most this many evenly spread positions of each sample of each tensor (min/max stay exact); 0: every value. Default: 4096, every value for entropy.")] = None,
     threads: ThreadsFlag = None,
+    workers: WorkersFlag = None,
+    ray_address: RayAddressFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Run the model over calibration data once and write per-tensor ranges (amax, scale = amax/127)."""
@@ -59,13 +64,15 @@ def calibrate_command(
         tensors=tensors or ("all" if cache is not None else "quantizable"), batch_size=batch_size,
         limit=num_samples, preprocess=parse_preprocess(preprocess), overrides=override)
     method = settings.calibrator.name
+    run_on = execution(workers, ray_address)
     if cache is not None:
         version_number(trt_version)  # a bad version fails before any work
     check_output_path(output, model)
     assert data is not None  # typer: a required option
     source = load_data(data, model, batch_size=settings.batch_size, limit=settings.limit,
                        preprocess=settings.preprocess, cast=cast)  # integer data for float inputs: only with --cast
-    stats = settings.collect(model, source)
+    stats = (settings.collect(model, source) if run_on.in_process
+             else settings.collect_on(run_on, model, data, source, cast=cast))
     scales = settings.scales(stats)
     scales.save(output)
     if cache is not None:

@@ -1,0 +1,159 @@
+"""Sharded execution without Ray: statistics merge exactly, and an engine plugin (real worker processes, a
+third-party-style Engine) gives scales byte-identical to one in-process pass for every calibrator.
+
+The Ray engine itself is tested in tests/test_ray.py (a real local Ray cluster).
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from qdq_models import residual_model
+
+from trtkit import hookimpl
+from trtkit.calibration import TensorStats, collect
+from trtkit.engine import Execution, split
+from trtkit.errors import DataError, OptionError
+from trtkit.registry import get_registry, load_plugins, set_registry
+from trtkit.stages import Engine
+
+METHODS = ("minmax", "entropy", "percentile", "mse")
+
+
+def _pool_map(work, shared, items, workers=None, address=None):
+    with ProcessPoolExecutor(max_workers=workers or 2) as pool:
+        return list(pool.map(work, [shared] * len(items), items))
+
+
+class ProcessEngine:
+    """A third party's engine: worker processes of concurrent.futures (what an engine plugin looks like)."""
+
+    @hookimpl
+    def register_engines(self, register):
+        register(Engine(name="processes", description="worker processes of this machine", map=_pool_map,
+                        slots=lambda workers, address: workers or 2))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    registry = load_plugins(extra_modules=[ProcessEngine()])
+    set_registry(registry)
+    yield registry.get("engines", "processes")
+    set_registry(None)
+
+
+def _grown(values: np.ndarray, parts: list[slice]) -> list[TensorStats]:
+    result = []
+    for part in parts:
+        stats = TensorStats("t")
+        stats.update(values[part])
+        result.append(stats)
+    return result
+
+
+def test_merged_statistics_equal_one_pass_whatever_the_split_and_order():
+    rng = np.random.default_rng(0)
+    # ranges that differ by many powers of two between parts (histograms grow when merged), zeros-only parts
+    values = np.concatenate([rng.standard_normal(5000) * 1e-3, np.zeros(300), rng.standard_normal(7000) * 40,
+                             rng.standard_normal(4000), [-900.0, 0.0]]).astype(np.float32)
+    one = TensorStats("t")
+    for start in range(0, len(values), 64):  # one pass, batch by batch
+        one.update(values[start:start + 64])
+    for cuts in ([0, 5000, 5300, 12300, len(values)], [0, 17, 4999, 5301, 16000, len(values)]):
+        parts = [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        for order in (list(range(len(parts))), list(range(len(parts)))[::-1]):
+            pieces = _grown(values, [parts[i] for i in order])
+            merged = functools.reduce(TensorStats.merge, pieces)
+            assert (merged.count, merged.min, merged.max, merged.range) == (one.count, one.min, one.max, one.range)
+            np.testing.assert_array_equal(merged.hist, one.hist)
+    assert one.hist.sum() == len(values)
+
+
+def test_split_on_batch_boundaries():
+    assert split(100, 3, 8) == [(0, 32), (32, 64), (64, 100)]
+    assert split(10, 8, 4) == [(0, 4), (4, 8), (8, 10)]  # never more parts than batches
+    assert split(5, 1, 8) == [(0, 5)]
+    for total, parts, step in ((1000, 7, 32), (33, 2, 1), (64, 64, 8)):
+        ranges = split(total, parts, step)
+        assert ranges[0][0] == 0 and ranges[-1][1] == total
+        assert all(a % step == 0 and a < b for a, b in ranges)
+        assert all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    model = residual_model()
+    model_path = folder / "model.onnx"
+    onnx.save(model, model_path)
+    rng = np.random.default_rng(1)
+    shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    # later samples reach larger values: the merged histograms grow across shards
+    x = rng.standard_normal((100, *shape[1:])).astype(np.float32) * np.geomspace(0.01, 50, 100, dtype=np.float32)[
+        :, None, None, None]
+    data = folder / "calib.npy"
+    np.save(data, x)
+    return model_path, data, x
+
+
+@pytest.mark.parametrize("positions", ["every", 97])
+def test_process_engine_scales_byte_identical(engine, model_and_data, tmp_path, positions):
+    model, data, _ = model_and_data
+    histogram_positions = None if positions == "every" else positions
+    kwargs = {"tensors": "all", "batch_size": 8, "limit": 90, "progress": False,
+              "histogram_positions": histogram_positions}
+    here = collect(model, str(data), **kwargs)
+    there = collect(model, str(data), execution=Execution(engine, workers=3), **kwargs)
+    assert here.num_samples == there.num_samples == 96  # the limit's last batch overruns it, in both
+    assert here.data == there.data and list(here.tensors) == list(there.tensors)
+    for method in METHODS:
+        a, b = here.compute(method), there.compute(method)
+        a.save(tmp_path / f"a_{method}.json")
+        b.save(tmp_path / f"b_{method}.json")
+        assert (tmp_path / f"a_{method}.json").read_bytes() == (tmp_path / f"b_{method}.json").read_bytes(), method
+
+
+def test_failing_shard_names_file_and_samples(engine, model_and_data, tmp_path):
+    model, _, x = model_and_data
+    bad = x.copy()
+    bad[70, 0, 0, 0] = np.nan
+    data = tmp_path / "bad.npy"
+    np.save(data, bad)
+    with pytest.raises(DataError) as error:
+        collect(model, str(data), tensors="all", batch_size=8, progress=False, execution=Execution(engine, workers=2))
+    message = str(error.value)
+    assert f"{data.resolve()} samples 48-99" in message and "\n" not in message, message
+
+
+def test_workers_need_data_by_path(engine, model_and_data):
+    model, _, x = model_and_data
+    with pytest.raises(OptionError, match="by path"):
+        collect(model, x, tensors="all", progress=False, execution=Execution(engine, workers=2))
+
+
+def test_one_worker_is_in_process_and_bad_counts_are_refused():
+    assert Execution.create(workers=1).in_process and Execution.create().in_process
+    with pytest.raises(OptionError, match="--workers: workers must be an integer >= 1, got 0"):
+        Execution.create(workers=0)
+    assert "ray" in get_registry().stages["engines"]
+
+
+def test_without_ray_workers_is_a_one_line_error_naming_the_extra(model_and_data, tmp_path):
+    """Ray hidden from the process (as if not installed): --workers 2 exits 2 with one line."""
+    model, data, _ = model_and_data
+    code = ("import sys; sys.modules['ray'] = None; from trtkit.cli import main; sys.argv = ['trtkit'] + "
+            "sys.argv[1:]; main()")
+    result = subprocess.run([sys.executable, "-c", code, "calibrate", str(model), "-d", str(data), "--workers", "2",
+                             "-o", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pip install 'trtkit[ray]'" in lines[0], result.stderr
+    assert not Path(tmp_path / "s.json").exists()
