@@ -81,6 +81,10 @@ def build_engine(builder_name: str, model: str | os.PathLike[str], output: str |
         config.builder_optimization_level = level
     for flag in flags:
         config.set_flag(getattr(module.BuilderFlag, flag))
+    if options.get("sparse_weights"):  # 2:4 sparse weights (trtkit.plugins.sparsity) may use sparse kernels
+        if not hasattr(module.BuilderFlag, "SPARSE_WEIGHTS"):
+            raise OptionError(f"option 'sparse_weights': {product(module)} has no BuilderFlag.SPARSE_WEIGHTS")
+        config.set_flag(module.BuilderFlag.SPARSE_WEIGHTS)
 
     profile_notes: list[str] = []
     profiles = make_profiles(network, options, profile_notes)
@@ -169,6 +173,10 @@ def build_engine(builder_name: str, model: str | os.PathLike[str], output: str |
         raise BuildError(f"{model_path}: {product(module)} build failed: {detail}")
     data = bytes(memoryview(serialized))
 
+    if options.get("sparse_weights"):  # what the builder's log says about sparsity, verbatim, one note a line
+        sparse_log = [" ".join(m.split()) for _, m in logger.messages if "spars" in m.lower()]
+        notes.append("sparse_weights: BuilderFlag.SPARSE_WEIGHTS set; builder log: "
+                     + (" | ".join(sparse_log) if sparse_log else "no line about sparsity"))
     timing_bytes = _save_timing_cache(config, timing_path) if timing_path is not None else None
     if timing_path is not None and is_rtx(module):
         notes.append("TensorRT-RTX accepts a timing cache but does not use it (it compiles kernels at run time)")

@@ -34,4 +34,6 @@ OPTIONS: dict[str, Option] = {
         "list", None, help="target GPUs for TensorRT-RTX ahead-of-time builds, e.g. sm86,sm89 (default: all)",
     ),
     "optimization_level": Option("int", None, help="builder optimization level 0..5"),
+    "sparse_weights": Option("bool", False, help="BuilderFlag.SPARSE_WEIGHTS: let 2:4 sparse weights run on sparse "
+                             "tensor cores (Ampere+; mask them with the sparse-2of4 pass)"),
 }
