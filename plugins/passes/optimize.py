@@ -20,7 +20,7 @@ from trtkit.graph import (
 )
 
 from .common import channel_vector
-from .fold_batchnorm import fold_batchnorm, set_weight_and_bias
+from .fold_batchnorm import exact_value, fold_batchnorm, set_weight_and_bias
 
 if TYPE_CHECKING:
     from trtkit.model import ModelArtifact
@@ -60,8 +60,10 @@ def _fold_affine_into_conv(graph: Any) -> int:
             vector = channel_vector(value, weight.shape[0], ndim)
             if vector is None:
                 continue
-            w = weight.astype(np.float64)
-            b = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (weight.shape[0],)).copy()
+            # float64, unrounded where an earlier fold made them: a chain is rounded once
+            w = exact_value(conv.inputs[1])
+            b = exact_value(conv.inputs[2]) if len(conv.inputs) > 2 else np.zeros(weight.shape[0])
+            b = np.broadcast_to(b.reshape(-1), (weight.shape[0],)).copy()
             if node.op == "Mul":
                 w, b = w * vector.reshape(-1, *([1] * (w.ndim - 1))), b * vector
             elif node.op == "Div":
@@ -74,7 +76,7 @@ def _fold_affine_into_conv(graph: Any) -> int:
                 if x is not first:
                     continue
                 b = b - vector
-            set_weight_and_bias(graph, conv, w.astype(weight.dtype), b.astype(weight.dtype), "affine")
+            set_weight_and_bias(graph, conv, w, b, weight.dtype, "affine")
             if bypass(node, graph, keep=x):
                 folded += 1
                 changed = True
