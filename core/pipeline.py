@@ -13,11 +13,12 @@ import functools
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .engine import Execution
 from .errors import GateError, OptionError, TrtkitError, close_matches
 from .recipe import Recipe, load_recipe
 from .steps import Step, StepResult, assign_keys, run_steps
@@ -99,6 +100,8 @@ def steps_for(recipe: Recipe) -> list[Step]:
     quantize = recipe.section("quantize")
     calibration = recipe.section("calibration")
     int8 = bool(calibration) and quantize.get("enabled", True)
+    # [execution]: where calibration (and evaluators that run on workers) run; results identical
+    execution = Execution.from_recipe(recipe.section("execution"), f"{recipe.path} [execution]")
     if int8 and settings is not None:
         data = calibration.get("data")
         if data is None:
@@ -112,7 +115,7 @@ def steps_for(recipe: Recipe) -> list[Step]:
         config["method"] = settings.calibrator.name
         steps.append(Step("calibrate", config, needs=["optimize"],
                           files=[Path(data)] + ([Path(overrides)] if overrides else []),
-                          action=functools.partial(_calibrate, settings)))
+                          action=functools.partial(_calibrate, settings, execution)))
         qconfig = {key: quantize.get(key) for key in ("exclude", "exclude_op_types", "per_channel", "reduce_range",
                                                       "adaptive_round", "target", "task_metrics", "max_float")}
         qconfig["data"] = data  # the scales builder refines and checks on it when it can (it declares 'data')
@@ -145,7 +148,7 @@ def steps_for(recipe: Recipe) -> list[Step]:
         config = {"evaluator": item["name"], "data": data, "labels": labels, "options": options}
         files = [Path(path) for path in (data, labels) if path is not None]
         steps.append(Step(f"eval:{item['name']}", config, needs=["optimize", *built], files=files,
-                          action=_evaluate))
+                          action=functools.partial(_evaluate, execution=recipe.section("execution"))))
     return steps
 
 
@@ -182,15 +185,20 @@ def _optimize(step: Step, results: dict[str, StepResult], folder: Path) -> dict[
     return {"model": "model.onnx", "report": "optimize.json", "thresholds": result.thresholds}
 
 
-def _calibrate(settings: CalibrationSettings, step: Step, results: dict[str, StepResult], folder: Path
-               ) -> dict[str, Any]:
+def _calibrate(settings: CalibrationSettings, execution: Execution, step: Step, results: dict[str, StepResult],
+               folder: Path) -> dict[str, Any]:
     config = step.config  # the settings were built from the same [calibration] keys (check_components)
     from .data import load_data
 
     model = results["optimize"].path("model")
     source = load_data(config["data"], model, batch_size=settings.batch_size, limit=settings.limit,
                        preprocess=settings.preprocess, cast=bool(config.get("cast")))
-    scales = settings.calibrate(model, source, output=folder / "scales.json")
+    if execution.in_process:
+        scales = settings.calibrate(model, source, output=folder / "scales.json")
+    else:
+        scales = settings.scales(settings.collect_on(execution, model, config["data"], source,
+                                                     cast=bool(config.get("cast"))))
+        scales.save(folder / "scales.json")
     outputs: dict[str, Any] = {"scales": "scales.json", "tensors": len(scales)}
     if config.get("cache"):
         from .trtcache import DEFAULT_TRT_VERSION, write_cache
@@ -240,7 +248,8 @@ def _build(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str
     return {"model": written.name, "files": extra}
 
 
-def _evaluate(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str, Any]:
+def _evaluate(step: Step, results: dict[str, StepResult], folder: Path,
+              execution: Mapping[str, Any] | None = None) -> dict[str, Any]:
     from .evaluation import evaluate, jsonable
     from .registry import get_registry
 
@@ -250,6 +259,9 @@ def _evaluate(step: Step, results: dict[str, StepResult], folder: Path) -> dict[
     name = config["evaluator"]
     evaluator = get_registry().evaluator(name)
     options = dict(config["options"])
+    if "workers" in evaluator.options:  # the recipe's [execution], for evaluators that run on workers
+        given = {"workers": (execution or {}).get("workers"), "address": (execution or {}).get("address")}
+        options.update({key: value for key, value in given.items() if value is not None and key not in options})
     for key in ("data", "labels"):
         if config.get(key) and key in evaluator.options:
             options[key] = config[key]

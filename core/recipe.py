@@ -85,6 +85,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "output": {
         "dir": (Path, "where artefacts, cache and report go (default: trtkit-run next to the recipe)"),
     },
+    "execution": {
+        "engine": (str, "execution engine plugin name (default with workers > 1 or an address: the default one, Ray)"),
+        "workers": (int, "workers for calibration and the evaluators that run on them (1, the default: in-process)"),
+        "address": (str, "the engine's cluster address (Ray: `ray start --head` prints it)"),
+    },
     "run": {
         "threads": (int, "threads for onnxruntime, BLAS and torch (default: the CPUs the process may use; "
                          "`trtkit run --threads` wins)"),

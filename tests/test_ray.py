@@ -99,3 +99,52 @@ def test_dead_worker_is_retried(ray_address, tmp_path):
     results = Execution.create(workers=2).map(_die_once, str(tmp_path), [0, 1, 2])
     assert results == [0, 10, 20]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2"]
+
+
+@pytest.fixture(scope="module")
+def qdq_pair(tmp_path_factory):
+    from eval_helpers import mlp_fp32, mlp_inputs, quantize_max
+
+    folder = tmp_path_factory.mktemp("ray_eval")
+    fp32 = mlp_fp32(folder / "mlp.onnx")
+    x = mlp_inputs(45)
+    np.save(folder / "x.npy", x)
+    return str(fp32), str(quantize_max(fp32, folder / "mlp.int8.onnx", {"x": x})), str(folder / "x.npy")
+
+
+def test_eval_accuracy_and_layers_identical_on_ray(ray_address, qdq_pair):
+    import trtkit
+    from trtkit.evaluation import to_json
+
+    fp32, qdq, data = qdq_pair
+    for name, options in (("accuracy", {"batch_size": 4, "num_samples": 42, "min_sqnr": 10.0}),
+                          ("layers", {"batch_size": 8, "target_sqnr": 25.0}),
+                          ("layers", {"sensitivity": "leave-one-out"})):
+        here = trtkit.evaluate(name, [fp32, qdq], data=data, **options)
+        there = trtkit.evaluate(name, [fp32, qdq], data=data, workers=2, **options)
+        assert to_json(here.data) == to_json(there.data), name
+        assert (here.summary, here.passed) == (there.summary, there.passed)
+    assert there.data["num_samples"] == 45 and len(there.data["sensitivity"]) == len(there.data["layers"])
+
+
+def test_eval_workers_cli(ray_address, qdq_pair, tmp_path):
+    fp32, qdq, data = qdq_pair
+    result = run_cli("eval", "accuracy", fp32, qdq, "--data", data, "--workers", "2", "--ray-address", ray_address,
+                     "--json")
+    assert result.returncode == 0, result.stderr
+    assert '"num_samples": 45' in result.stdout
+    speed = run_cli("eval", "speed", qdq, "--workers", "2")
+    assert speed.returncode == 2 and "runs in this process only" in speed.stderr
+
+
+def test_recipe_execution_section_identical_scales(ray_address, model_and_data, tmp_path):
+    model, data, _ = model_and_data
+    base = (f'[model]\nonnx = "{model}"\n[calibration]\ndata = "{data}"\nmethod = "percentile"\nbatch_size = 8\n'
+            '[quantize]\nadaptive_round = false\n[report]\nenabled = false\n')
+    scales = []
+    for name, extra in (("local", ""), ("ray", f'[execution]\nworkers = 2\naddress = "{ray_address}"\n')):
+        (tmp_path / f"{name}.toml").write_text(base + extra)
+        result = run_cli("run", str(tmp_path / f"{name}.toml"), "-o", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-2000:]
+        scales.append((tmp_path / name / "scales.json").read_bytes())
+    assert scales[0] == scales[1]

@@ -15,8 +15,10 @@ from trtkit import hookimpl
 from trtkit.cli_args import (
     DataFlag,
     JsonFlag,
+    RayAddressFlag,
     TaskMetricFlag,
     ThreadsFlag,
+    WorkersFlag,
     options_flag,
     output_flag,
     parse_options,
@@ -38,6 +40,8 @@ def eval_command(
     ] = None,
     task_metric: TaskMetricFlag = None,
     threads: ThreadsFlag = None,
+    workers: WorkersFlag = None,
+    ray_address: RayAddressFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Measure artefacts: accuracy (gates: exit code 1 on failure), speed, per-layer error, reports."""
@@ -62,6 +66,15 @@ def eval_command(
 
             raise OptionError("give task metrics with --task-metric or with -O task_metrics, not both")
         options["task_metrics"] = task_metric
+    if workers is not None or ray_address is not None:  # evaluators that can run on workers declare the options
+        if "workers" not in evaluator.options:
+            from trtkit.errors import OptionError
+
+            raise OptionError(f"evaluator '{name}' runs in this process only (no --workers / --ray-address)")
+        if workers is not None:
+            options["workers"] = workers
+        if ray_address is not None:
+            options["address"] = ray_address
     writes_output = "output" in evaluator.options and evaluator.options["output"].type == "path"
     if output is not None and writes_output:
         options["output"] = str(output)

@@ -24,8 +24,16 @@ DATA_OPTIONS = {
     "seed": Option("int", 0, "seed of the random inputs"),
 }
 
+# Where the models run (trtkit.engine): --workers / --ray-address of `trtkit eval`; results identical.
+EXECUTION_OPTIONS = {
+    "workers": Option("int", 1, "run on this many workers of the execution engine (Ray), each one CPU, on "
+                      "shards of --data; 1: in this process"),
+    "address": Option("str", None, "cluster address of the execution engine (Ray: `ray start --head` prints it)"),
+}
+
 ACCURACY_OPTIONS = {
     **DATA_OPTIONS,
+    **EXECUTION_OPTIONS,
     "labels": Option("path", None, "integer class labels (.npy, one per sample) for top-k accuracy"),
     "scores": Option("str", None, "output holding class scores for task metrics (default: first 2-D output)"),
     "topk": Option("list", ["1", "5"], "k values for top-k accuracy"),
@@ -69,6 +77,7 @@ SPEED_OPTIONS = {
 
 LAYERS_OPTIONS = {
     **DATA_OPTIONS,
+    **EXECUTION_OPTIONS,
     "num_samples": Option("int", 0, "samples to use (0: all of --data, 32 random samples without data)"),
     "output": Option("str", None, "model output judged by sensitivity and search (default: the first)"),
     "sensitivity": Option("str", "single", "per-layer sensitivity: quantize one layer alone ('single'), "

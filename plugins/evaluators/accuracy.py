@@ -27,6 +27,8 @@ from trtkit.evaluation import (
 from trtkit.model import ModelArtifact
 from trtkit.stages import EvaluationResult
 
+from .shards import execution, sharded_outputs
+
 # option -> (where the value is, metric key, direction)
 _OUTPUT_GATES = {
     "min_cosine": ("cosine", ">="),
@@ -55,7 +57,8 @@ _TASK_METRIC_GATES = {
 def evaluate_accuracy(models: list[str], data: str | None, num_samples: int, batch_size: int, seed: int,
                       labels: str | None, scores: str | None, topk: list[Any], confidence: float,
                       runtime_kernels: bool, metric: str | None, task_metrics: list[Any] | None = None,
-                      scores_kind: str = "auto", **tolerances: str | None) -> EvaluationResult:
+                      scores_kind: str = "auto", workers: int = 1, address: str | None = None,
+                      **tolerances: str | None) -> EvaluationResult:
     if len(models) < 2:
         raise OptionError("accuracy needs a reference and at least one candidate: REFERENCE CANDIDATE...")
     ks = _ks(topk)
@@ -64,21 +67,29 @@ def evaluate_accuracy(models: list[str], data: str | None, num_samples: int, bat
     tasks = metrics.parse_task_metrics(task_metrics, ref_runner.output_names)
     _task_gate_limits(tasks, tolerances)  # a malformed gate fails before any model runs
     ref_records = _logit_records(reference)
-    batches = load_batches(data, reference, num_samples or (0 if data else 64), batch_size, seed)
-    if not batches:
-        raise DataError(f"{data}: no samples")
-    ref_out = run_batches(ref_runner, batches, "reference")
-    n = _sample_count(batches)
+    run_on = execution(workers, address, data)
+    if run_on.in_process:
+        batches = load_batches(data, reference, num_samples or (0 if data else 64), batch_size, seed)
+        if not batches:
+            raise DataError(f"{data}: no samples")
+        ref_out = run_batches(ref_runner, batches, "reference")
+        n = _sample_count(batches)
+    else:  # every model on the workers, shard by shard: the same outputs (trtkit.plugins.evaluators.shards)
+        assert data is not None  # execution() refuses workers without data
+        on_workers, n = sharded_outputs([(reference, True)] + [(c, not runtime_kernels) for c in models[1:]],
+                                        data, num_samples, batch_size, run_on)
+        ref_out = on_workers[0]
     label_array = _labels(labels, n, num_samples)
     results = []
-    for candidate in models[1:]:
+    for position, candidate in enumerate(models[1:], start=1):
         emulate = not runtime_kernels
         cand_runner = open_model(candidate, emulate_qdq=emulate)
         check_same_inputs(reference, ref_runner, candidate, cand_runner)
         missing = [name for name in ref_runner.output_names if name not in cand_runner.output_names]
         if missing:
             raise DataError(f"{candidate} has no output '{missing[0]}' (the reference {reference} has it)")
-        cand_out = run_batches(cand_runner, batches, Path(candidate).name)
+        cand_out = (run_batches(cand_runner, batches, Path(candidate).name) if run_on.in_process
+                    else on_workers[position])
         result = _compare(reference, candidate, ref_runner.output_names, ref_out, cand_out, label_array,
                           scores, scores_kind, ks, confidence, metric, tasks, ref_records, tolerances,
                           run_mode(candidate, emulate), n)

@@ -21,12 +21,14 @@ from trtkit.evaluation import check_same_inputs, load_batches, open_model, run_b
 from trtkit.model import ModelArtifact
 from trtkit.stages import EvaluationResult
 
+from .shards import execution, sharded_variants
+
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 def evaluate_layers(models: list[str], data: str | None, num_samples: int, batch_size: int, seed: int,
                     output: str | None, sensitivity: str, target_sqnr: float | None, target_cosine: float | None,
-                    top: int) -> EvaluationResult:
+                    top: int, workers: int = 1, address: str | None = None) -> EvaluationResult:
     if len(models) != 2:
         raise OptionError("layers needs exactly two models: FP32_REFERENCE.onnx QDQ_CANDIDATE.onnx")
     reference, candidate = models
@@ -35,6 +37,7 @@ def evaluate_layers(models: list[str], data: str | None, num_samples: int, batch
             raise NotApplicable(f"{path}: layers works on ONNX models (per-layer debugging needs the graph)")
     if target_sqnr is not None and target_cosine is not None:
         raise OptionError("give one search target: target_sqnr or target_cosine, not both")
+    run_on = execution(workers, address, data)
     ref_art, cand_art = ModelArtifact.load(reference), ModelArtifact.load(candidate)
     ref_runner, cand_runner = open_model(reference), open_model(candidate)
     check_same_inputs(reference, ref_runner, candidate, cand_runner)
@@ -78,6 +81,13 @@ def evaluate_layers(models: list[str], data: str | None, num_samples: int, batch
     }
     ranking: list[dict[str, Any]] = []
     from trtkit.ui import track
+
+    if not run_on.in_process and sensitivity != "none":  # the sweep's variants on the workers, into the cache
+        sweep = [tuple(n for n in names if n != name) if sensitivity == "single" else (name,) for name in names]
+        assert data is not None  # execution() refuses workers without data
+        for in_float, out in zip(sweep, sharded_variants(candidate, reference, judged, sweep, data, num_samples,
+                                                       batch_size, run_on), strict=True):
+            cache[frozenset(in_float)] = metrics.sqnr_db(ref_out, out), metrics.cosine(ref_out, out)
 
     if sensitivity == "single":
         for name in track(names, total=len(names), description="sensitivity"):
