@@ -157,3 +157,21 @@ def test_without_ray_workers_is_a_one_line_error_naming_the_extra(model_and_data
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install 'trtkit[ray]'" in lines[0], result.stderr
     assert not Path(tmp_path / "s.json").exists()
+
+
+def test_one_worker_never_imports_ray(model_and_data, tmp_path):
+    model, data, _ = model_and_data
+    code = ("import sys\nfrom trtkit.cli import main\nsys.argv = ['trtkit'] + sys.argv[1:]\ntry:\n    main()\n"
+            "finally:\n    print('RAY', 'ray' in sys.modules, file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", code, "calibrate", str(model), "-d", str(data), "--workers", "1",
+                             "-o", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "RAY False" in result.stderr
+
+
+def test_unknown_engine_is_named():
+    from trtkit.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="engine 'rayy'"):
+        Execution.create(engine="rayy", workers=2)
