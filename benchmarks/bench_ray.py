@@ -34,7 +34,7 @@ def _timed(function: Any) -> tuple[Any, float]:
 
 def _scales_bytes(stats: Any, tmp: Path) -> dict[str, bytes]:
     out = {}
-    for method in METHODS:
+    for method in METHODS if stats.histograms else ("minmax",):  # range-only statistics: minmax alone
         stats.compute(method).save(tmp / f"{method}.json")
         out[method] = (tmp / f"{method}.json").read_bytes()
     return out
@@ -51,7 +51,41 @@ def _warm() -> float:
     return time.perf_counter() - start
 
 
-def _floor(model: Path, data: Path, samples: int, batch: int) -> float:
+def _cpu() -> float:
+    """CPU seconds of this process, every thread (user + system)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _shard_cpu(model: Any, job: Any) -> tuple[float, float]:
+    """In a Ray worker: one shard's collection (trtkit's own task function), its wall and CPU seconds."""
+    from trtkit.calibration import _collect_shard
+
+    wall, cpu = time.perf_counter(), _cpu()
+    _collect_shard(model, job)
+    return time.perf_counter() - wall, _cpu() - cpu
+
+
+def _worker_cpu(ray: Any, model_path: Path, data: Path, settings: Any, workers: int) -> list[float]:
+    """CPU seconds each worker spends on its shard (the same shards and task function as collect_on): what
+    each would take on a core of its own, whatever the other processes of a shared machine do."""
+    from trtkit.calibration import _ShardJob, tensors_to_observe
+    from trtkit.data import load_data, shard_data
+    from trtkit.model import as_artifact
+
+    artifact = as_artifact(model_path)
+    source = load_data(str(data), artifact.model, batch_size=settings.batch_size, limit=settings.limit)
+    names = tuple(tensors_to_observe(artifact.model, settings.tensors))
+    jobs = [_ShardJob(shard, names, settings.histograms, settings.histogram_positions)
+            for shard in shard_data(str(data), source, workers)]
+    model = ray.put(artifact.model.SerializeToString())
+    task = ray.remote(num_cpus=1)(_shard_cpu)
+    return [cpu for _, cpu in ray.get([task.remote(model, job) for job in jobs])]
+
+
+def _floor(model: Path, data: Path, samples: int, batch: int) -> tuple[float, float]:
     """Plain FP32 inference, one onnxruntime thread, whole batches: what one worker's inference costs."""
     import numpy as np
 
@@ -60,10 +94,10 @@ def _floor(model: Path, data: Path, samples: int, batch: int) -> float:
     sess = session(str(model), threads=1)
     x = np.load(data, mmap_mode="r")[:samples]
     name = sess.get_inputs()[0].name
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu()
     for first in range(0, samples, batch):
         sess.run(None, {name: np.ascontiguousarray(x[first:first + batch])})
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _cpu() - cpu
 
 
 def run(name: str, samples: int, batch: int, methods: list[str], tmp: Path) -> dict[str, Any]:
@@ -78,8 +112,8 @@ def run(name: str, samples: int, batch: int, methods: list[str], tmp: Path) -> d
     load_before = os.getloadavg()
     result: dict[str, Any] = {"model": name, "samples": samples, "batch": batch, "load_before": load_before,
                               "rows": []}
-    floor = _floor(model_path, data, samples, batch)
-    result["floor_1thread_s"] = floor
+    floor, floor_cpu = _floor(model_path, data, samples, batch)
+    result["floor_1thread_s"], result["floor_1thread_cpu_s"] = floor, floor_cpu
     (_, start_s) = _timed(lambda: ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
                                            log_to_driver=False))
     result["ray_start_s"] = start_s
@@ -91,14 +125,19 @@ def run(name: str, samples: int, batch: int, methods: list[str], tmp: Path) -> d
     result["warm_s"] = warm_s
     for method in methods:
         settings = CalibrationSettings.create(method=method, batch_size=batch, limit=samples)
+        cpu = _cpu()
         here, here_s = _timed(lambda s=settings: s.collect(model_path, str(data), progress=False))
+        here_cpu = _cpu() - cpu
         reference = _scales_bytes(here, tmp)
-        row: dict[str, Any] = {"method": method, "in_process_s": here_s, "tensors": len(here.tensors)}
+        row: dict[str, Any] = {"method": method, "in_process_s": here_s, "in_process_cpu_s": here_cpu,
+                               "tensors": len(here.tensors)}
         for workers in (1, 2):
             execution = Execution.create(engine="ray", workers=workers)
             there, there_s = _timed(lambda s=settings, e=execution: s.collect_on(e, model_path, str(data)))
             row[f"ray{workers}_s"] = there_s
             row[f"ray{workers}_identical"] = _scales_bytes(there, tmp) == reference
+        for workers in (1, 2):
+            row[f"ray{workers}_worker_cpu_s"] = _worker_cpu(ray, model_path, data, settings, workers)
         parts = [here.tensors, here.tensors]
         _, merge_s = _timed(lambda p=parts: {n: functools.reduce(type(t).merge, (q[n] for q in p))
                                              for n, t in p[0].items()})
@@ -112,35 +151,53 @@ def run(name: str, samples: int, batch: int, methods: list[str], tmp: Path) -> d
 def markdown(result: dict[str, Any]) -> str:
     from benchmarks._report import markdown_table
 
-    n, floor = result["samples"], result["floor_1thread_s"]
+    n, floor, floor_cpu = result["samples"], result["floor_1thread_s"], result["floor_1thread_cpu_s"]
     rows = []
     for row in result["rows"]:
+        one, two = row["ray1_worker_cpu_s"], row["ray2_worker_cpu_s"]
         rows.append([row["method"], f"{row['in_process_s']:.2f}", f"{row['ray1_s']:.2f}", f"{row['ray2_s']:.2f}",
-                     f"{row['in_process_s'] / row['ray2_s']:.2f}x", f"{row['ray1_s'] / row['ray2_s']:.2f}x",
+                     f"{row['in_process_s'] / row['ray2_s']:.2f}x", f"{row['in_process_cpu_s']:.2f}",
+                     f"{one[0]:.2f}", " + ".join(f"{c:.2f}" for c in two), f"{one[0] / max(two):.2f}x",
                      "yes" if row["ray1_identical"] and row["ray2_identical"] else "NO",
                      f"{row['merge_s'] * 1000:.1f}"])
     table = markdown_table(["method", "in-process s", "Ray 1 worker s", "Ray 2 workers s",
-                            "speed-up vs in-process", "speed-up vs Ray 1", "scales identical (4 methods)",
-                            "merge of 2 shards ms"], rows)
+                            "wall speed-up, 2 workers vs in-process", "in-process CPU s",
+                            "CPU s, 1 worker", "CPU s per worker, 2 workers",
+                            "speed-up with a core per worker (CPU 1 worker / max CPU of 2)",
+                            "scales identical", "merge of 2 shards ms"], rows)
+    fractions = [max(row["ray2_worker_cpu_s"]) / row["ray1_worker_cpu_s"][0] for row in result["rows"]]
+    walls = [row["in_process_s"] / row["ray2_s"] for row in result["rows"]]
+    low, high, wall_low, wall_high = min(fractions), max(fractions), min(walls), max(walls)
+    fast_low, fast_high = 1 / high, 1 / low
     load = ", ".join(f"{v:.2f}" for v in result["load_before"])
     load_after = ", ".join(f"{v:.2f}" for v in result["load_after"])
     tensors = result["rows"][0]["tensors"]
     return f"""`python -m benchmarks.bench_ray --samples {n} --write`: `{result['model']}` (real pretrained
-EfficientNet-Lite, zoo calibration crops), N = {n} samples, batch {result['batch']}, one run of each
-(the machine is shared with other sessions: load average {load} before, {load_after} after, so these
-times are noisy). In-process: `collect` as `trtkit calibrate` runs it with one worker (onnxruntime on all
-CPUs but one, the reduction of one run overlapping the next). Ray: a local Ray of 2 CPUs started once
-({result['ray_start_s']:.1f} s, and {result['warm_s']:.1f} s for each worker process to import onnxruntime and
-trtkit: one-off costs of a command, not counted), tasks of one CPU with one onnxruntime thread each, the data
-sharded on batch boundaries. Plain FP32 inference over the same samples with one onnxruntime thread:
-{floor:.2f} s ({floor / n * 1000:.1f} ms per sample), the per-sample cost of a worker's inference.
+EfficientNet-Lite, zoo calibration crops), N = {n} samples, batch {result['batch']}, one run of each. The
+machine is shared with other sessions' benchmarks: load average {load} before, {load_after} after, on 2
+cores, so wall times say little about scaling; CPU seconds are measured too. In-process: `collect` as
+`trtkit calibrate` runs it with one worker (onnxruntime on all CPUs but one, the reduction of one run
+overlapping the next, so it already uses both cores when the reduction is heavy). Ray: a local Ray of 2
+CPUs started once ({result['ray_start_s']:.1f} s, and {result['warm_s']:.1f} s for each worker process to import
+onnxruntime and trtkit: one-off costs of a command, not counted), tasks of one CPU with one onnxruntime
+thread each, the data sharded on batch boundaries. The CPU columns run the same shards with trtkit's own
+task function and count each worker process's CPU seconds: with a core per worker, its wall time. Plain
+FP32 inference over the same samples, one onnxruntime thread: {floor:.2f} s wall, {floor_cpu:.2f} s CPU
+({floor_cpu / n * 1000:.1f} ms per sample).
 
 {table}
 
-"scales identical": the scales files of minmax, entropy, percentile and mse computed from the Ray
-statistics are byte-identical to the in-process ones (both worker counts). The merge column is the driver's
+"scales identical": the scales files computed from the Ray statistics are byte-identical to the
+in-process ones, for both worker counts and for every calibrator the statistics allow (minmax, entropy,
+percentile and mse from histograms; minmax alone from the range-only statistics minmax collects). The merge column is the driver's
 cost per extra shard ({tensors} tensors x 8192 bins, independent of N); scaling is argued in
 [scale.md](scale.md).
+
+Reading: the work divides evenly between the workers (each of 2 workers spends about half the CPU of one),
+so with a core per worker 2 workers take {low:.2f}-{high:.2f} of one worker's time ({fast_low:.2f}-{fast_high:.2f}x).
+Whether the wall clock shows it depends on free cores: in this run other sessions held most of the 2 cores
+and the wall speed-up of 2 workers over in-process was {wall_low:.2f}-{wall_high:.2f}x. The CPU columns count
+the workers only; the driver's model load, tensor selection and data hash are in the in-process column.
 """
 
 
@@ -149,14 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="effnet-lite1")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--methods", default="percentile,entropy")
+    parser.add_argument("--methods", default="minmax,percentile,entropy")
     parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md's section")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--from-json", type=Path, help="format results written by --json instead of measuring")
     args = parser.parse_args(argv)
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        result = run(args.model, args.samples, args.batch, args.methods.split(","), Path(tmp))
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run(args.model, args.samples, args.batch, args.methods.split(","), Path(tmp))
     text = markdown(result)
     print(text)
     if args.json:
