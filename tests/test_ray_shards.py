@@ -175,3 +175,24 @@ def test_unknown_engine_is_named():
 
     with pytest.raises(UnknownNameError, match="engine 'rayy'"):
         Execution.create(engine="rayy", workers=2)
+
+
+def test_image_folder_shards_byte_identical(engine, model_and_data, tmp_path):
+    """An image folder is sharded by file ranges (sorted names), each worker decoding and preprocessing its own."""
+    from PIL import Image
+
+    model, _, _ = model_and_data
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(21):
+        pixels = (rng.random((10, 12, 3)) * (40 + 10 * index)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{index:03d}.png")
+    kwargs = {"tensors": "all", "batch_size": 4, "progress": False, "preprocess": {"resize": "8x8"}}
+    here = collect(model, str(folder), **kwargs)
+    there = collect(model, str(folder), execution=Execution(engine, workers=3), **kwargs)
+    assert here.num_samples == there.num_samples == 21 and here.data == there.data
+    for method in ("entropy", "percentile"):
+        here.compute(method).save(tmp_path / "a.json")
+        there.compute(method).save(tmp_path / "b.json")
+        assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes(), method
