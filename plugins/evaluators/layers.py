@@ -21,7 +21,7 @@ from trtkit.evaluation import check_same_inputs, load_batches, open_model, run_b
 from trtkit.model import ModelArtifact
 from trtkit.stages import EvaluationResult
 
-from .shards import execution, sharded_variants
+from .shards import execution, sharded_variants, variant_batches, variant_runner
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -85,8 +85,8 @@ def evaluate_layers(models: list[str], data: str | None, num_samples: int, batch
     if not run_on.in_process and sensitivity != "none":  # the sweep's variants on the workers, into the cache
         sweep = [tuple(n for n in names if n != name) if sensitivity == "single" else (name,) for name in names]
         assert data is not None  # execution() refuses workers without data
-        for in_float, out in zip(sweep, sharded_variants(candidate, reference, judged, sweep, data, num_samples,
-                                                       batch_size, run_on), strict=True):
+        for in_float, out in zip(sweep, sharded_variants(_variant_outputs, candidate, reference, judged, sweep,
+                                                       data, num_samples, batch_size, run_on), strict=True):
             cache[frozenset(in_float)] = metrics.sqnr_db(ref_out, out), metrics.cosine(ref_out, out)
 
     if sensitivity == "single":
@@ -117,6 +117,17 @@ def evaluate_layers(models: list[str], data: str | None, num_samples: int, batch
         passed = search["met"]
     summary = _summary(result, top)
     return EvaluationResult(data=result, summary=summary, passed=passed)
+
+
+def _variant_outputs(shared: tuple[Any, str], item: tuple[Any, Any, list[tuple[str, ...]]]) -> list[np.ndarray]:
+    """On a worker (`eval layers` with workers): the judged output of each variant of the item."""
+    import onnx
+
+    candidate, judged = shared
+    artifact = ModelArtifact.from_model(onnx.load_from_string(candidate.onnx))
+    batches = variant_batches(item)
+    return [run_batches(variant_runner(candidate, keep_in_float(artifact, in_float).model), batches, "variant")[judged]
+            for in_float in item[2]]
 
 
 def _count(batches: list[dict[str, np.ndarray]]) -> int:

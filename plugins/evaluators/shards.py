@@ -105,32 +105,27 @@ def sharded_outputs(models: Sequence[tuple[str, bool]], data: str, num_samples: 
     return joined, count
 
 
-def _variant_outputs(shared: tuple[_Model, str], item: tuple[DataShard, Any, list[tuple[str, ...]]]
-                     ) -> list[np.ndarray]:
-    from trtkit.model import ModelArtifact
-
-    from .layers import keep_in_float
-
-    candidate, judged = shared
-    shard, specs, variants = item
-    batches = _batches(shard, specs)
-    import onnx
-
-    artifact = ModelArtifact.from_model(onnx.load_from_string(candidate.onnx or b""))  # inline: sharded_variants
-    return [run_batches(_runner(candidate, keep_in_float(artifact, layers).model), batches, "variant")[judged]
-            for layers in variants]
+def variant_batches(item: tuple[DataShard, Any, list[tuple[str, ...]]]) -> list[dict[str, np.ndarray]]:
+    """On a worker: the evaluation batches of a `sharded_variants` item."""
+    return _batches(item[0], item[1])
 
 
-def sharded_variants(candidate: str, reference: str, judged: str, variants: list[tuple[str, ...]], data: str,
-                     num_samples: int, batch_size: int, run_on: Execution) -> list[np.ndarray]:
+def variant_runner(candidate: _Model, model: Any) -> Any:
+    """On a worker: a runner for one variant (an onnx.ModelProto built from the candidate)."""
+    return _runner(candidate, model)
+
+
+def sharded_variants(work: Any, candidate: str, reference: str, judged: str, variants: list[tuple[str, ...]],
+                     data: str, num_samples: int, batch_size: int, run_on: Execution) -> list[np.ndarray]:
     """The judged output of each variant (layers kept in float) over the evaluation data, the variants
-    split between the workers; in the variants' order."""
+    split between the workers; in the variants' order. work((candidate, judged), (shard, specs, variants)) ->
+    [output per variant] runs on a worker (the evaluator's own module-level function: it builds variants)."""
     source, specs = _source(data, reference, num_samples, batch_size)
     whole = shard_data(data, source, 1, what="option 'workers'")[0]
     model = _shipped(candidate, True)
     if model.onnx is None:
         raise OptionError(f"{candidate}: workers need the candidate inline (ONNX without external data)")
     chunks = split(len(variants), run_on.slots())
-    parts = run_on.map(_variant_outputs, (model, judged),
+    parts = run_on.map(work, (model, judged),
                        [(whole, specs, variants[start:stop]) for start, stop in chunks])
     return [output for part in parts for output in part]
