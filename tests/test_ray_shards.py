@@ -196,3 +196,20 @@ def test_image_folder_shards_byte_identical(engine, model_and_data, tmp_path):
         here.compute(method).save(tmp_path / "a.json")
         there.compute(method).save(tmp_path / "b.json")
         assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes(), method
+
+
+def test_fixed_batch_model_shards_byte_identical(engine, tmp_path):
+    """A model with a fixed batch runs whole batches (a remainder dropped) in one pass and in shards alike."""
+    from build_models import fp32_conv
+
+    model = fp32_conv(tmp_path / "fixed.onnx", batch=4, spatial=6)
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((30, 16, 6, 6)) * np.geomspace(0.1, 30, 30)[:, None, None, None]).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    kwargs = {"tensors": "all", "progress": False, "histogram_positions": None}
+    here = collect(model, str(tmp_path / "x.npy"), **kwargs)
+    there = collect(model, str(tmp_path / "x.npy"), execution=Execution(engine, workers=3), **kwargs)
+    assert here.num_samples == there.num_samples == 28 and here.data == there.data
+    here.compute("entropy").save(tmp_path / "a.json")
+    there.compute("entropy").save(tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
