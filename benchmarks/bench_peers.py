@@ -17,7 +17,9 @@ its time and peak RSS are its own; the judging runs here, with bench_real's func
   `QuantizationSimModel` with its defaults (int8, min-max, default config), AdaRound on a capped number of
   iterations and calibration samples (`--adaround-iters`, `--adaround-samples`: its recommended 10,000
   iterations per layer take hours on two CPU cores), `compute_encodings` over the calibration crops, and
-  `to_onnx_qdq()`.
+  `to_onnx_qdq()`. Its defaults (per-tensor weights, asymmetric uint8 activations) are not what TensorRT takes;
+  `--aimet-config trt` runs its per-channel config with symmetric activations exported as signed int8 (its
+  strict-symmetric mode is left off: aimet-onnx 2.42 exports it with zero point -1, which TensorRT refuses).
 Every QDQ file is judged with Q/DQ emulated in float (as bench_real) and checked with TensorRT-RTX's parser.
 """
 
@@ -72,7 +74,20 @@ def modelopt_worker(model: str, data: str, output: str) -> dict[str, Any]:
             "high_precision_dtype": "fp32", "calibration_eps": ["cpu"]}
 
 
-def aimet_worker(model: str, data: str, output: str, iterations: int, samples: int) -> dict[str, Any]:
+def _aimet_trt_config(path: Path) -> str:
+    """aimet's per-channel config with TensorRT's int8 rules added (symmetric activations, exported signed with
+    zero point 0): what TensorRT's parser accepts. Written to PATH; returns it."""
+    import aimet_onnx.common.quantsim_config as configs
+
+    config = json.loads((Path(configs.__file__).parent / "default_config_per_channel.json").read_text())
+    config["defaults"]["ops"]["is_symmetric"] = "True"
+    config["defaults"]["strict_symmetric"] = "False"  # "True" exports zero point -1 (aimet-onnx 2.42)
+    config["defaults"]["unsigned_symmetric"] = "False"
+    path.write_text(json.dumps(config, indent=1))
+    return str(path)
+
+
+def aimet_worker(model: str, data: str, output: str, iterations: int, samples: int, config: str) -> dict[str, Any]:
     import aimet_onnx
     import onnx
     from aimet_onnx import QuantizationSimModel, apply_adaround
@@ -89,7 +104,9 @@ def aimet_worker(model: str, data: str, output: str, iterations: int, samples: i
     except Exception as exc:  # noqa: BLE001 - CLE is a step of the recipe; a model it cannot handle goes on without
         report["cle"] = f"skipped: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     report["cle_s"] = round(time.perf_counter() - began, 1)
-    sim = QuantizationSimModel(proto, providers=["CPUExecutionProvider"])
+    config_file = _aimet_trt_config(Path(output).with_suffix(".config.json")) if config == "trt" else None
+    report["config"] = config
+    sim = QuantizationSimModel(proto, providers=["CPUExecutionProvider"], config_file=config_file)
     began = time.perf_counter()
     ada = _batches({k: v[:samples] for k, v in feeds.items()}, model, 8)
     try:
@@ -100,13 +117,13 @@ def aimet_worker(model: str, data: str, output: str, iterations: int, samples: i
         report["adaround"] = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     report["adaround_s"] = round(time.perf_counter() - began, 1)
     sim.compute_encodings(batches)
-    onnx.save(sim.to_onnx_qdq(), output)
+    onnx.save(sim.to_onnx_qdq(force_activation_as="signed" if config == "trt" else "unsigned"), output)
     return report
 
 
 # ---- one model -------------------------------------------------------------------------------------------------
 def bench_model(name: str, work: Path, peers: Sequence[str], pythons: dict[str, str], iterations: int,
-                samples: int, log: Any) -> dict[str, Any]:
+                samples: int, log: Any, aimet_config: str = "default") -> dict[str, Any]:
     model = zoo.get(name)
     work.mkdir(parents=True, exist_ok=True)
     calib_n, eval_n = bench_real.DEFAULT_SAMPLES.get(name, (None, None))
@@ -124,11 +141,14 @@ def bench_model(name: str, work: Path, peers: Sequence[str], pythons: dict[str, 
         label = ("ModelOpt int8 (entropy, default placement)" if peer == "modelopt" else
                  f"aimet-onnx CLE + AdaRound ({iterations} it, {samples} samples) + min-max" if iterations > 0 else
                  "aimet-onnx CLE + min-max (QuantSim defaults, no AdaRound)")
+        if peer == "aimet" and aimet_config == "trt":
+            label = label.replace("QuantSim defaults", "per-channel, symmetric int8 activations for TensorRT")
         row: dict[str, Any] = {"method": label, "kind": peer}
-        qdq = work / f"{peer}.onnx"
+        qdq = work / f"{peer}{'-trt' if peer == 'aimet' and aimet_config == 'trt' else ''}.onnx"
         try:
             cmd = [pythons[peer], "-m", "benchmarks.bench_peers", "--worker", peer, str(model.onnx_path), str(calib),
-                   str(qdq), "--adaround-iters", str(iterations), "--adaround-samples", str(samples)]
+                   str(qdq), "--adaround-iters", str(iterations), "--adaround-samples", str(samples),
+                   "--aimet-config", aimet_config]
             out, seconds, peak = bench_real.run_measured(cmd, 3600, cwd=work)
             lines = [line for line in out.splitlines() if line.startswith("{")]
             row.update(time_s=round(seconds, 2), peak_rss_mib=peak, peer=json.loads(lines[-1]) if lines else {})
@@ -148,6 +168,28 @@ def bench_model(name: str, work: Path, peers: Sequence[str], pythons: dict[str, 
     return result
 
 
+def merge(paths: Sequence[Path], output: Path | None) -> int:
+    """One file in bench_real's --json format (a "machine", "results" with every row of every model) from
+    several runs of this script; each run's machine, settings and times are kept under "runs"."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    models: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for res in run["results"]:
+            if res["model"] not in models:
+                models[res["model"]] = {**res, "rows": []}
+            models[res["model"]]["rows"].extend(res.get("rows", []))
+    payload = {"machine": runs[0]["machine"], "total_s": round(sum(r.get("total_s", 0.0) for r in runs), 1),
+               "cpu_s": round(sum(r.get("cpu_s", 0.0) for r in runs), 1),
+               "runs": [{"file": str(path), "machine": run["machine"], "total_s": run.get("total_s"),
+                         "settings": run.get("settings")} for path, run in zip(paths, runs, strict=True)],
+               "results": list(models.values())}
+    text = json.dumps(payload, indent=1) + "\n"
+    if output:
+        output.write_text(text)
+    print(bench_real.table(payload["results"]))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_peers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(zoo.NAMES), help="comma-separated zoo models")
@@ -156,16 +198,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--aimet-python", default=DEFAULT_PYTHON["aimet"], help="python of aimet-onnx's venv")
     parser.add_argument("--adaround-iters", type=int, default=ADAROUND_ITERS, help="AdaRound iterations per layer")
     parser.add_argument("--adaround-samples", type=int, default=ADAROUND_SAMPLES, help="AdaRound calibration samples")
+    parser.add_argument("--aimet-config", choices=("default", "trt"), default="default",
+                        help="aimet's default config, or its per-channel one with TensorRT's symmetric int8 activations")
     parser.add_argument("--workdir", type=Path, default=None, help="artefacts (default: <zoo cache>/bench-peers)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here (bench_real's format)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="merge earlier --json files of this script (one per peer or config) into --json")
     parser.add_argument("--worker", nargs=4, metavar=("PEER", "MODEL", "DATA", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         peer, model, data, output = args.worker
         report = (modelopt_worker(model, data, output) if peer == "modelopt" else
-                  aimet_worker(model, data, output, args.adaround_iters, args.adaround_samples))
+                  aimet_worker(model, data, output, args.adaround_iters, args.adaround_samples, args.aimet_config))
         print(json.dumps(report))
         return 0
+    if args.merge:
+        return merge(args.merge, args.json)
     names = [n for n in args.models.split(",") if n]
     peers = [p for p in args.peers.split(",") if p]
     unknown = [n for n in names if n not in zoo.SPECS] + [p for p in peers if p not in PEERS]
@@ -191,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in names:
         try:
             results.append(bench_model(name, work / name, peers, pythons, args.adaround_iters,
-                                       args.adaround_samples, log))
+                                       args.adaround_samples, log, args.aimet_config))
         except (zoo.ZooError, bench_real.StepError, OSError) as exc:
             results.append({"model": name, "error": str(exc)})
             log(f"{name}: FAILED {exc}")
