@@ -21,7 +21,7 @@ import typer
 try:  # typer >= 0.22 vendors click
     from typer._click.exceptions import ClickException
 except ImportError:  # pragma: no cover - older typer on top of click
-    from click import ClickException  # type: ignore[no-redef]
+    from click import ClickException  # type: ignore[no-redef,assignment]  # click is there when e.g. ray is
 
 from . import __version__
 from .cli_args import JsonFlag
