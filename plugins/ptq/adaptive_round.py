@@ -136,18 +136,19 @@ def _find_layers(qdq: ModelArtifact, ref: ModelArtifact, report: RoundReport) ->
     return layers
 
 
-def _rows(layer: _Layer, x: np.ndarray, positions: int, seed: int) -> np.ndarray:
-    """The layer's input as regression rows [groups, samples*positions, columns] (im2col for Conv)."""
+def _rows(node: onnx.NodeProto, kernel: tuple[int, ...], groups: int, x: np.ndarray, positions: int,
+          seed: int) -> np.ndarray:
+    """A layer's input as regression rows [groups, samples*positions, columns] (im2col for Conv), at
+    `positions` output positions per sample drawn with `seed`."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    node = layer.node
     if node.op_type != "Conv":
         flat = x.reshape(-1, x.shape[-1])
         count = min(positions * x.shape[0], flat.shape[0])
         pick = np.sort(rng.choice(flat.shape[0], size=count, replace=False)) if count < flat.shape[0] else slice(None)
         return flat[pick][None]
-    kh, kw = layer.kernel
+    kh, kw = kernel
     sh, sw = attribute(node, "strides", [1, 1])
     dh, dw = attribute(node, "dilations", [1, 1])
     top, left, bottom, right = attribute(node, "pads", [0, 0, 0, 0])
@@ -161,7 +162,6 @@ def _rows(layer: _Layer, x: np.ndarray, positions: int, seed: int) -> np.ndarray
     ys = (pick // out_w)[:, None, None] * sh + (np.arange(kh) * dh)[None, :, None]
     xs = (pick % out_w)[:, None, None] * sw + (np.arange(kw) * dw)[None, None, :]
     patches = padded[:, :, ys, xs].transpose(0, 2, 1, 3, 4)  # [batch, positions, channels, kh, kw]
-    groups = layer.weight.shape[0]
     return patches.reshape(batch * count, groups, -1).transpose(1, 0, 2)
 
 
@@ -278,8 +278,9 @@ def adaptive_round(
             except Exception as exc:
                 raise DataError(f"{label}: onnxruntime failed on the data: {first_line(exc)}") from None
             for k, layer in enumerate(todo):
-                grams[k] = grams[k] + _gram(_rows(layer, values[layer.node.input[0]], positions, number),
-                                            layer.has_bias_slot)
+                rows = _rows(layer.node, layer.kernel, layer.weight.shape[0], values[layer.node.input[0]],
+                             positions, number)
+                grams[k] = grams[k] + _gram(rows, layer.has_bias_slot)
         for layer, gram in zip(todo, grams, strict=True):
             _round_layer(result, index, layer, gram, damp, report)
     return result, report

@@ -9,7 +9,9 @@ emulated in float (what TensorRT computes); the others feed adaptive rounding. A
 `round_samples` + `check_samples` samples are read, and that many taken evenly spread. Each decision is measured on the held-out part and recorded
 (what, why, the metric before and after) in the artefact's metadata["quantization"]["decisions"]:
 
-1. per activation tensor, the calibrator's range or the full observed range, whichever measures better;
+1. per activation tensor read by Conv/Gemm/MatMul, the range with the least error at those layers' outputs
+   (plugins/qdq/range_search.py), kept if the held-out metric improves; then per tensor still clipped, the
+   full observed range where it measures better;
 2. adaptive rounding of every int8 weight (plugins/ptq/adaptive_round.py), kept only if it measures better;
 3. if a target is given and not met: the sensitivity of each activation quantizer (the metric with that one
    Q/DQ pair removed, everything else quantized), then the most sensitive layers go to float one at a time,
@@ -264,6 +266,8 @@ def quantize_checked(
     options = dict(quantize_options or {})
     user_exclude = list(exclude)
     if choose_ranges:
+        scales = _search_ranges(source, scales, metric, reference, fit, check, metrics, user_exclude, options,
+                                report)
         scales = _choose_ranges(source, scales, metric, reference, check, metrics, user_exclude, options, report)
 
     def build(float_nodes: list[str]) -> tuple[ModelArtifact, float]:
@@ -323,6 +327,48 @@ def quantize_checked(
     return _finish(result, report)
 
 
+def _rescaled(given: Any, amax: Mapping[str, float], changed: Iterable[str], source_label: str) -> Any:
+    """`given` Scales with the ranges `amax`; the tensors `changed` are recorded as coming from `source_label`."""
+    from trtkit.scales import Scales
+
+    changed = set(changed)
+    sources = {name: (source_label if name in changed else given.sources.get(name, given.method)) for name in amax}
+    return Scales(dict(amax), method=given.method, options=given.options, model=given.model, data=given.data,
+                  sources=sources, stats=given.stats)
+
+
+def _search_ranges(source: ModelArtifact, scales: Any, metric: Target, reference: Mapping[str, np.ndarray],
+                   fit: Mapping[str, np.ndarray], check: Mapping[str, np.ndarray],
+                   task_metrics: Sequence[TaskMetric], exclude: list[str], options: Mapping[str, Any],
+                   report: TargetReport, samples: int = 16) -> Any:
+    """Per activation read by Conv/Gemm/MatMul, the range with the least error at those layers' outputs
+    (plugins/qdq/range_search.py, on up to `samples` rounding samples); kept if the held-out metric improves."""
+    from trtkit.scales import as_scales
+
+    from .insert import quantize
+    from .range_search import search_ranges
+
+    given = as_scales(scales)
+    base = quantize(source, given, exclude=exclude, **options)
+    readers = {tensor: layers for tensor, layers in _activation_quantizers(base.model)}
+    full = {name: max(abs(float(st.get("min", 0.0))), abs(float(st.get("max", 0.0))))
+            for name, st in given.stats.items() if name in given}
+    subset = {name: array[:samples] for name, array in fit.items()}
+    chosen = search_ranges(source, dict(given.items()), full, readers, subset)
+    if not chosen:
+        return scales
+    current = measure(metric, reference, _run(base, check), task_metrics)
+    amax = {**dict(given.items()), **chosen}
+    trial = measure(metric, reference, _run(quantize(source, amax, exclude=exclude, strict_names=False, **options),
+                                            check), task_metrics)
+    keep = metric.better(trial, current)
+    report.decisions.append(Decision(
+        "range-search", f"{len(chosen)} of {len(readers)} tensors",
+        ("kept" if keep else "dropped") + ": ranges with the least error at their layers' outputs"
+        + (" measured better" if keep else " not better on the held-out data"), current, trial))
+    return _rescaled(given, amax, chosen, "layer-error") if keep else scales
+
+
 def _choose_ranges(source: ModelArtifact, scales: Any, metric: Target, reference: Mapping[str, np.ndarray],
                    check: Mapping[str, np.ndarray], task_metrics: Sequence[TaskMetric], exclude: list[str],
                    options: Mapping[str, Any], report: TargetReport) -> Any:
@@ -330,7 +376,7 @@ def _choose_ranges(source: ModelArtifact, scales: Any, metric: Target, reference
     calibration): each clipped tensor in turn is tried unclipped and kept so where the held-out metric improves.
     One calibrator is rarely right for every tensor (percentile clips detector score logits whose extremes are
     the detections; minmax wastes levels on outliers elsewhere). Returns the scales to use."""
-    from trtkit.scales import Scales, as_scales
+    from trtkit.scales import as_scales
 
     from .insert import quantize
 
@@ -353,11 +399,7 @@ def _choose_ranges(source: ModelArtifact, scales: Any, metric: Target, reference
                                              f"calibrator's {given[name]:.4g}", current, trial))
             amax, current = trial_amax, trial
             kept.append(name)
-    if not kept:
-        return scales
-    sources = {name: ("max" if name in kept else given.sources.get(name, given.method)) for name in amax}
-    return Scales(amax, method=given.method, options=given.options, model=given.model, data=given.data,
-                  sources=sources, stats=given.stats)
+    return _rescaled(given, amax, kept, "max") if kept else scales
 
 
 def _finish(result: ModelArtifact, report: TargetReport) -> tuple[ModelArtifact, TargetReport]:
