@@ -87,7 +87,8 @@ def _aimet_trt_config(path: Path) -> str:
     return str(path)
 
 
-def aimet_worker(model: str, data: str, output: str, iterations: int, samples: int, config: str) -> dict[str, Any]:
+def aimet_worker(model: str, data: str, output: str, iterations: int, samples: int, config: str,
+                 cle: bool = True) -> dict[str, Any]:
     import aimet_onnx
     import onnx
     from aimet_onnx import QuantizationSimModel, apply_adaround
@@ -99,8 +100,19 @@ def aimet_worker(model: str, data: str, output: str, iterations: int, samples: i
     report: dict[str, Any] = {"aimet_onnx": aimet_onnx.__version__, "calibration_batches": len(batches)}
     began = time.perf_counter()
     try:
-        equalize_model(proto)
-        report["cle"] = True
+        if cle:
+            import onnxruntime as ort
+
+            def fp32(model_proto: Any) -> list[Any]:
+                session = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+                return session.run(None, batches[0])
+
+            before = fp32(proto)
+            equalize_model(proto)
+            # CLE must not change the float model; through ReLU6/Clip it does (aimet's docs: replace ReLU6 first)
+            report["cle_fp32_sqnr_db"] = [round(bench_real.sqnr_db(a, b), 1)
+                                          for a, b in zip(before, fp32(proto), strict=True)]
+        report["cle"] = cle
     except Exception as exc:  # noqa: BLE001 - CLE is a step of the recipe; a model it cannot handle goes on without
         report["cle"] = f"skipped: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     report["cle_s"] = round(time.perf_counter() - began, 1)
@@ -123,7 +135,7 @@ def aimet_worker(model: str, data: str, output: str, iterations: int, samples: i
 
 # ---- one model -------------------------------------------------------------------------------------------------
 def bench_model(name: str, work: Path, peers: Sequence[str], pythons: dict[str, str], iterations: int,
-                samples: int, log: Any, aimet_config: str = "default") -> dict[str, Any]:
+                samples: int, log: Any, aimet_config: str = "default", cle: bool = True) -> dict[str, Any]:
     model = zoo.get(name)
     work.mkdir(parents=True, exist_ok=True)
     calib_n, eval_n = bench_real.DEFAULT_SAMPLES.get(name, (None, None))
@@ -143,12 +155,15 @@ def bench_model(name: str, work: Path, peers: Sequence[str], pythons: dict[str, 
                  "aimet-onnx CLE + min-max (QuantSim defaults, no AdaRound)")
         if peer == "aimet" and aimet_config == "trt":
             label = label.replace("QuantSim defaults", "per-channel, symmetric int8 activations for TensorRT")
+        if peer == "aimet" and not cle:
+            label = label.replace("CLE + ", "")
         row: dict[str, Any] = {"method": label, "kind": peer}
-        qdq = work / f"{peer}{'-trt' if peer == 'aimet' and aimet_config == 'trt' else ''}.onnx"
+        tag = (f"-{aimet_config}" + ("" if cle else "-nocle")) if peer == "aimet" else ""
+        qdq = work / f"{peer}{tag}.onnx"
         try:
             cmd = [pythons[peer], "-m", "benchmarks.bench_peers", "--worker", peer, str(model.onnx_path), str(calib),
                    str(qdq), "--adaround-iters", str(iterations), "--adaround-samples", str(samples),
-                   "--aimet-config", aimet_config]
+                   "--aimet-config", aimet_config, *([] if cle else ["--no-cle"])]
             out, seconds, peak = bench_real.run_measured(cmd, 3600, cwd=work)
             lines = [line for line in out.splitlines() if line.startswith("{")]
             row.update(time_s=round(seconds, 2), peak_rss_mib=peak, peer=json.loads(lines[-1]) if lines else {})
@@ -200,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--adaround-samples", type=int, default=ADAROUND_SAMPLES, help="AdaRound calibration samples")
     parser.add_argument("--aimet-config", choices=("default", "trt"), default="default",
                         help="aimet's default config, or its per-channel one with TensorRT's symmetric int8 activations")
+    parser.add_argument("--no-cle", action="store_true", help="aimet without cross-layer equalization")
     parser.add_argument("--workdir", type=Path, default=None, help="artefacts (default: <zoo cache>/bench-peers)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here (bench_real's format)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
@@ -209,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         peer, model, data, output = args.worker
         report = (modelopt_worker(model, data, output) if peer == "modelopt" else
-                  aimet_worker(model, data, output, args.adaround_iters, args.adaround_samples, args.aimet_config))
+                  aimet_worker(model, data, output, args.adaround_iters, args.adaround_samples, args.aimet_config,
+                               not args.no_cle))
         print(json.dumps(report))
         return 0
     if args.merge:
@@ -239,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in names:
         try:
             results.append(bench_model(name, work / name, peers, pythons, args.adaround_iters,
-                                       args.adaround_samples, log, args.aimet_config))
+                                       args.adaround_samples, log, args.aimet_config, not args.no_cle))
         except (zoo.ZooError, bench_real.StepError, OSError) as exc:
             results.append({"model": name, "error": str(exc)})
             log(f"{name}: FAILED {exc}")
