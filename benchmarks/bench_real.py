@@ -401,7 +401,8 @@ def _rtx(path: Path, build: bool) -> dict[str, Any]:
 
 def bench_model(name: str, work: Path, calib_limit: int | None, eval_limit: int | None,
                 trtkit_methods: Sequence[str] | None,
-                ort_methods: Sequence[str], build: bool, log: Any, checked: bool = True) -> dict[str, Any]:
+                ort_methods: Sequence[str], build: bool, log: Any, checked: bool = True,
+                targets: bool = True) -> dict[str, Any]:
     model = zoo.get(name)
     work.mkdir(parents=True, exist_ok=True)
     calib = _limited(model.calib_data, calib_limit, work, "calib")
@@ -464,7 +465,7 @@ def bench_model(name: str, work: Path, calib_limit: int | None, eval_limit: int 
     # better on held-out calibration samples), and `quantize --target` (float fallback until the goal holds).
     default_scales = work / "scales-default.json"
     for label, extra in (("checked", []), ("target", TARGETS.get(model.head, []))) if checked else ():
-        if label == "target" and not extra:
+        if label == "target" and (not extra or not targets):
             continue
         row = {"method": f"trtkit --data {' '.join(extra[-1:])}".strip() if extra else "trtkit --data (adaptive)",
                "kind": "trtkit"}
@@ -561,6 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(TRTKIT_METHODS), help="trtkit calibrators besides the default")
     parser.add_argument("--ort-methods", default=",".join(ORT_METHODS), help="ORT calibration methods ('' for none)")
     parser.add_argument("--skip-trtkit", action="store_true", help="run only the ORT rows")
+    parser.add_argument("--no-target", action="store_true", help="skip the `quantize --target` rows")
     parser.add_argument("--calib-limit", type=int, default=None,
                         help="use the first N calibration samples (default: DEFAULT_SAMPLES per model)")
     parser.add_argument("--eval-limit", type=int, default=None,
@@ -619,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(bench_model(name, folder, args.calib_limit or calib_n, args.eval_limit or eval_n,
                                        None if args.skip_trtkit else [m for m in args.methods.split(",") if m],
                                        [m for m in args.ort_methods.split(",") if m], args.build, log,
-                                       checked=not args.skip_trtkit))
+                                       checked=not args.skip_trtkit, targets=not args.no_target))
         except (zoo.ZooError, StepError, OSError) as exc:
             results.append({"model": name, "error": str(exc)})
             log(f"{name}: FAILED {exc}")

@@ -142,13 +142,22 @@ def test_cli_quantize_with_data_rounds_and_reports(setup, tmp_path):
     checked = json.loads(result.stdout)["checked"]
     assert checked["target"] is None and checked["check_samples"] == 12 and checked["round_samples"] == 36
     actions = [d["action"] for d in checked["decisions"]]
-    assert "adaptive-round" in actions and set(actions) <= {"range", "adaptive-round"}
+    assert "adaptive-round" in actions and set(actions) <= {"range-search", "range", "adaptive-round"}
     for decision in checked["decisions"]:
         if decision["action"] == "range":  # kept only where the held-out metric improved
             assert decision["after"] > decision["before"]
     from trtkit.model import ModelArtifact
 
     assert ModelArtifact.load(out).metadata["quantization"]["checked"] == checked
+    # The HTML report of the quantized model lists the same decisions and the verdict.
+    report = run_cli("eval", "report", str(model), str(out), "--data", str(folder / "calib.npy"), "-o",
+                     str(tmp_path / "report.html"), "-O", "duration_s=0.1", "-O", "layers=false")
+    assert report.returncode == 0, report.stderr
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Quantization decisions (sqnr on 12 held-out samples)" in markdown
+    assert "## Quantization verdict" in markdown
+    for decision in checked["decisions"]:
+        assert f"| {decision['action']} | {decision['what']} |" in markdown
 
 
 def test_cli_target_keeps_layers_in_float_until_met(setup, tmp_path):

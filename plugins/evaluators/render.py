@@ -119,11 +119,16 @@ def _report_sections(context: Mapping[str, Any]) -> list[dict[str, Any]]:
         if scales:
             sections.append(_table("Calibration scales", ["tensor", "scale", "amax"],
                                    [[t, float(s), 127.0 * float(s)] for t, s in scales.items()]))
+    checked = context.get("quantization_checked")
+    if checked:
+        sections.extend(_checked_sections(checked))
     accuracy = context.get("accuracy")
     for data in ([accuracy] if isinstance(accuracy, Mapping) else list(accuracy or [])):
         sections.extend(_accuracy_sections(data))
     if context.get("speed"):
         sections.extend(_speed_sections(context["speed"]))
+    if context.get("compression"):  # a recipe's [prune] / [distill]: every artefact against the dense FP32 one
+        sections.extend(_compression_sections(context["compression"]))
     layers = context.get("layers")
     if isinstance(layers, list):
         layers = layers[-1] if layers else None
@@ -136,6 +141,24 @@ def _report_sections(context: Mapping[str, Any]) -> list[dict[str, Any]]:
                                [list(r) for r in table.get("rows", [])]))
     if context.get("notes"):
         sections.append({"kind": "notes", "title": "Notes", "items": [str(n) for n in context["notes"]]})
+    return sections
+
+
+def _checked_sections(checked: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """`quantize --data/--target` decisions (metadata["quantization"]["checked"]): each with what, why and the
+    held-out metric before and after, then the verdict."""
+    metric = checked.get("metric", "")
+    rows = [[d.get("action", ""), d.get("what", ""), d.get("why", ""), d.get("before"), d.get("after")]
+            for d in checked.get("decisions") or []]
+    title = f"Quantization decisions ({metric} on {checked.get('check_samples', '')} held-out samples)"
+    sections = [_table(title, ["decision", "what", "why", "before", "after"], rows)]
+    target = checked.get("target")
+    floats = checked.get("float_nodes") or []
+    verdict = (f"{metric} {_fmt(checked.get('measured'))} on held-out samples" if not target else
+               f"target {target}: {'met' if checked.get('met') else 'NOT met, blocked by ' + str(checked.get('blocking'))}"
+               f"; measured {_fmt(checked.get('measured'))}; {len(floats)} layer(s) in float"
+               + (f": {', '.join(floats)}" if floats else ""))
+    sections.append({"kind": "notes", "title": "Quantization verdict", "items": [verdict]})
     return sections
 
 
@@ -253,6 +276,32 @@ def _speed_png(data: Mapping[str, Any]) -> bytes:
     ax.set_yticklabels(names, fontsize=8)
     ax.set_xscale("log")  # a p99 tail many times the median would otherwise flatten every bar
     ax.set_xlabel("latency (ms, log scale)")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _compression_sections(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = list(data.get("rows", []))
+    dense = rows[0] if rows else {}
+    table = [[r["artefact"], r["macs"], r["params"], r["macs"] / dense["macs"] if dense.get("macs") else "",
+              r["latency_ms"], r["latency_ms"] / dense["latency_ms"] if dense.get("latency_ms") else "",
+              r.get("agreement", "")] for r in rows]
+    columns = ["artefact", "MACs", "params", "MACs vs dense", "latency ms (ORT CPU, batch 1)", "latency vs dense",
+               f"top-1 agreement with dense ({data.get('samples', 0)} samples)"]
+    return [_table("Compression: FLOPs, parameters, latency and agreement", columns, table),
+            _image("Compression trade-off", _compression_png(rows))]
+
+
+def _compression_png(rows: list[Mapping[str, Any]]) -> bytes:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for row in rows:
+        ax.scatter(row["latency_ms"], row.get("agreement", 1.0), s=30 + row["macs"] / max(1, rows[0]["macs"]) * 120)
+        ax.annotate(row["artefact"], (row["latency_ms"], row.get("agreement", 1.0)), fontsize=8,
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("latency (ms, onnxruntime CPU, batch 1)")
+    ax.set_ylabel("top-1 agreement with dense FP32")
+    ax.set_title("marker size: MACs", fontsize=8)
     fig.tight_layout()
     return _png(fig)
 

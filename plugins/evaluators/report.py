@@ -40,6 +40,9 @@ def evaluate_report(models: list[str], data: str | None, num_samples: int, batch
         if metadata.get("passes"):
             ctx["passes"] = metadata["passes"]
         ctx["calibration"] = _calibration(qdq[0], metadata)
+        checked = (metadata.get("quantization") or {}).get("checked")
+        if checked:  # `quantize --data/--target`: what was decided, why, and what it measured
+            ctx["quantization_checked"] = checked
     passed = True
     if len(models) >= 2:
         from .accuracy import evaluate_accuracy
