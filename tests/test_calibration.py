@@ -69,6 +69,79 @@ def test_merge_is_exact(heavy_tailed):
     assert (merged.range, merged.count, merged.min, merged.max) == (whole.range, whole.count, whole.min, whole.max)
 
 
+def _exact_histogram(values):
+    """The |x| histogram by exact rational arithmetic: bin floor(|v| * FINE_BINS / R), R the smallest power of
+    two above the largest finite |v|; non-finite values left out."""
+    from fractions import Fraction
+
+    finite = [Fraction(float(v)) for v in np.asarray(values).reshape(-1) if math.isfinite(float(v))]
+    amax = max(abs(v) for v in finite)
+    exponent = math.frexp(float(amax))[1]
+    top = Fraction(2) ** exponent
+    hist = np.zeros(FINE_BINS, np.int64)
+    for v in finite:
+        hist[math.floor(abs(v) * FINE_BINS / top)] += 1
+    return hist, float(top)
+
+
+def _edge_values(dtype, top):
+    """Values exactly on bin edges, one ulp either side, zeros of both signs, negatives, tiny and subnormal."""
+    edges = (np.arange(FINE_BINS + 1) * (top / FINE_BINS)).astype(dtype)
+    below = np.nextafter(edges, dtype(0))
+    above = np.nextafter(edges, dtype(2 * top))
+    special = np.array([0.0, -0.0, np.finfo(dtype).smallest_subnormal, -np.finfo(dtype).tiny, top / 2, -top / 4,
+                        np.nextafter(dtype(top), dtype(0)), -np.nextafter(dtype(top), dtype(0))], dtype)
+    values = np.concatenate([edges, -edges, below, -below, above, special]).astype(dtype)
+    return values[np.abs(values) < top]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_histogram_bins_are_exact_on_edges_zeros_and_negatives(dtype, monkeypatch):
+    import trtkit.calibration as calibration
+
+    rng = np.random.default_rng(3)
+    values = rng.permutation(_edge_values(dtype, 8.0))
+    reference, top = _exact_histogram(values)
+    for chunk in (calibration.CHUNK, 1000, 64):  # small chunks: the range grows chunk by chunk inside one batch
+        monkeypatch.setattr(calibration, "CHUNK", chunk)
+        monkeypatch.setattr(calibration, "_SCRATCH", __import__("threading").local())
+        stats = TensorStats("t")
+        stats.update(values)
+        assert stats.range == top and stats.count == values.size
+        np.testing.assert_array_equal(stats.hist, reference)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_histogram_bins_are_exact_across_range_growth_and_zero_runs(dtype, monkeypatch):
+    import trtkit.calibration as calibration
+
+    monkeypatch.setattr(calibration, "CHUNK", 512)
+    rng = np.random.default_rng(4)
+    relu = np.maximum(rng.standard_normal((6, 700)), 0.0).astype(dtype)  # half zeros, like a ReLU's output
+    relu[2, 100:400] = 0.0  # a long run of zeros
+    batches = [
+        _edge_values(dtype, 1.0 / 64),                         # small range first
+        relu * dtype(0.5),                                     # zero-heavy, grows the range
+        np.zeros(300, dtype),                                  # zeros only
+        _edge_values(dtype, 4.0)[::7] * dtype(-1),             # negatives on the edges of a larger range
+        np.array([np.nan, -np.inf, 0.0, -0.0, 3.5], dtype),    # non-finite values are left out
+        (rng.standard_cauchy(5000) * 100).astype(dtype),       # heavy tail: the range grows by many doublings
+        relu[:, :1] * dtype(1e-6),                             # tiny values after the range grew: bin 0
+    ]
+    stats = TensorStats("t")
+    for batch in batches:
+        stats.update(batch)
+    reference, top = _exact_histogram(np.concatenate([b.reshape(-1) for b in batches]))
+    assert stats.range == top and stats.nonfinite == 2
+    np.testing.assert_array_equal(stats.hist, reference)
+    # the same values in one update and in the reverse order: the same histogram
+    for values in (np.concatenate([b.reshape(-1) for b in batches]),
+                   np.concatenate([b.reshape(-1) for b in batches[::-1]])):
+        again = TensorStats("t")
+        again.update(values)
+        np.testing.assert_array_equal(again.hist, reference)
+
+
 def test_histogram_range_is_the_next_power_of_two():
     stats = _stats([0.3, -5.0, 2.0])
     assert stats.range == 8.0 and stats.absmax == 5.0 and stats.hist.sum() == 3
