@@ -504,6 +504,8 @@ def _observe(artifact: Any, source: DataSource, names: list[str], threads: int, 
                 size = total - start if per_run == 0 else min(per_run or 1, total - start)
                 part = feeds if size == total else {name: value[start:start + size] for name, value in feeds.items()}
                 start += size
+                if start == total and size < total:  # the batch's last run reads a copy: the batch can be freed
+                    part = {name: value.copy() for name, value in part.items()}  # before the next one is read
                 # the first run may fail by design (see below): onnxruntime must not log it as an error
                 future = pool.submit(sess.run, fetch, part, quiet if per_run is None else None) if fetch else _done([])
                 if pending is not None:
@@ -522,6 +524,7 @@ def _observe(artifact: Any, source: DataSource, names: list[str], threads: int, 
                         start = 0
                         continue
                     reduce(part, results)
+            del feeds, part  # (a batch in flight is referenced by its run only: one batch in memory at a time)
         if pending is not None:
             reduce(*_result(pending))
     return stats, fingerprint
@@ -614,7 +617,9 @@ def _track_samples(batches: Iterator[dict[str, np.ndarray]], total: int | None) 
         task = bar.add_task("calibrating", total=total)
         for feeds in batches:
             yield feeds
-            bar.advance(task, len(next(iter(feeds.values()))))
+            samples = len(next(iter(feeds.values())))
+            del feeds  # not held while the next batch is read
+            bar.advance(task, samples)
 
 
 def _quiet_run_options() -> Any:

@@ -149,6 +149,7 @@ class DataSource:
                     constant.setdefault(name, []).append(flat + offset)
             offset += batch_len(feeds)
             yield feeds
+            del raw, feeds, array  # not held while the next batch is read (the consumer may have freed it)
         if offset == self.first:
             raise DataError(f"{self.description}: no samples")
         if not self._warned:
