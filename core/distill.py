@@ -16,8 +16,10 @@ intermediate feature (the output of the submodule of that name in both networks;
 feature has fewer channels, as after pruning, a learned 1x1 projection maps it to the teacher's, as in
 FitNets).
 
-BatchNorm statistics are frozen (`freeze_bn`, the default): a few hundred unlabelled images are too few to
-re-estimate them, and the pruned channels keep their statistics. Weights that are 2:4 sparse (every group
+BatchNorm layers train as usual (batch statistics, running statistics re-estimated): after pruning, the
+layers downstream of removed channels see other statistics, and re-estimating them is most of the recovery
+(on the digits CNN pruned by 60 %: 0.85 top-1 agreement with frozen statistics, 0.90 without, same steps);
+`freeze_bn=True` keeps them (e.g. batches too small for batch statistics). Weights that are 2:4 sparse (every group
 of 4 along the input dimension has at least 2 zeros) when distillation starts keep their zeros
 (`keep_sparsity`): the mask is re-applied after every step.
 
@@ -101,27 +103,36 @@ def distill(
     epochs: int = 2,
     lr: float = 1e-4,
     batch_size: int = 32,
-    temperature: float = 4.0,
+    temperature: float = 1.0,
     kl: float = 1.0,
     mse: float = 0.0,
     features: Sequence[str] = (),
     feature_weight: float = 1.0,
-    freeze_bn: bool = True,
+    freeze_bn: bool = False,
     keep_sparsity: bool = True,
     weight_decay: float = 0.0,
     device: Any = None,
     seed: int = 0,
     progress: bool = True,
     limit: int | None = None,
+    augment: bool = False,
+    mixup: float = 0.0,
+    schedule: str = "cosine",
 ) -> list[float]:
     """Train `student` (in place) to match `teacher` on unlabelled `data`; returns the mean loss per epoch.
 
     data: samples [N, ...] (array, tensor, or .npy/.npz path), fed in shuffled batches of `batch_size`.
-    temperature / kl: weight of the temperature-scaled KL on [N, C] outputs (0: none).
+    temperature / kl: weight of the temperature-scaled KL on [N, C] outputs (0: none). T = 1 (the default)
+      matches the teacher's top classes best; higher T weighs the small probabilities more.
     mse: weight of the MSE between outputs. features: submodule names whose outputs are matched too.
     device: "cpu", "cuda" or a torch.device (default: CUDA when available, else the CPU; QAT's default);
       both networks are moved there; the student is left there after.
     limit: use at most this many samples. Deterministic on the CPU for a given seed.
+    augment: for image batches [N, C, H, W]: each sample gets a random crop (side 55-100 %) resized back
+      and a random horizontal flip, new every step (both networks see the same image, so no label is
+      needed); a few hundred calibration images then go further. mixup: also blend each sample with
+      another one, weight ~ Beta(mixup, mixup) (0: off; drawn from torch's global generator).
+    schedule: "cosine" (the learning rate decays to 0 over the run) or "constant".
     """
     import numpy as np
     import torch
@@ -133,6 +144,8 @@ def distill(
         raise OptionError("distill: epochs and batch_size must be >= 1, lr and temperature > 0")
     if kl < 0 or mse < 0 or feature_weight < 0 or (kl == 0 and mse == 0 and not features):
         raise OptionError("distill: the weights kl, mse, feature_weight must be >= 0 and something must be matched")
+    if schedule not in ("cosine", "constant"):
+        raise OptionError(f"distill: schedule must be cosine or constant, got {schedule!r}")
     if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
         raise OptionError("distill: student and teacher must be torch.nn.Module")
     array = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else load_samples(data)
@@ -141,9 +154,7 @@ def distill(
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     where = torch.device(device) if device is not None else default_device()
     student.to(where)
-    teacher.to(where).eval()
-    for param in teacher.parameters():
-        param.requires_grad_(False)
+    teacher.to(where).eval()  # run under no_grad: its parameters are left as they are
 
     found_s: dict[str, Any] = {}
     found_t: dict[str, Any] = {}
@@ -173,6 +184,7 @@ def distill(
         optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
         generator = torch.Generator().manual_seed(seed)
         steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if schedule == "cosine" else None
         history: list[float] = []
         with _Progress(steps, progress) as bar:
             for epoch in range(epochs):
@@ -184,6 +196,8 @@ def distill(
                 total, seen = 0.0, 0
                 for index in torch.randperm(len(x), generator=generator).split(batch_size):
                     batch = x[index].to(where)
+                    if (augment or mixup) and batch.dim() == 4:
+                        batch = _augmented(batch, generator, augment, mixup)
                     with torch.no_grad():
                         target = _outputs(teacher(batch))
                     result = _outputs(student(batch))
@@ -204,6 +218,8 @@ def distill(
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
                     if masks:
                         with torch.no_grad():
                             for name, mask in masks.items():
@@ -217,6 +233,29 @@ def distill(
             hook.remove()
         student.eval()
     return history
+
+
+def _augmented(batch: torch.Tensor, generator: torch.Generator, crop: bool, mixup: float) -> torch.Tensor:
+    """Random crop + resize + horizontal flip per sample (one affine grid sample), then optional mixup."""
+    import torch
+    from torch import nn
+
+    n = batch.shape[0]
+    if crop:
+        scale = torch.empty(n).uniform_(0.55, 1.0, generator=generator)
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (1 - scale)[:, None]
+        flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 1, 1] = scale * flip, scale
+        theta[:, :, 2] = shift
+        grid = nn.functional.affine_grid(theta.to(batch.device), list(batch.shape), align_corners=False)
+        batch = nn.functional.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection",
+                                          align_corners=False)
+    if mixup > 0:
+        weight = torch.distributions.Beta(mixup, mixup).sample((n,)).to(batch.device).view(n, 1, 1, 1)
+        other = torch.randperm(n, generator=generator).to(batch.device)
+        batch = weight * batch + (1 - weight) * batch[other]
+    return batch
 
 
 class _Progress:

@@ -85,7 +85,16 @@ def steps_for(recipe: Recipe) -> list[Step]:
     else:
         config = {"source": model["source"], "exporter": model.get("exporter") or registry.default("exporters").name,
                   "checkpoint": model.get("checkpoint"), "options": model.get("options", {})}
-        steps.append(Step("export", config, files=recipe.model_files, action=_export))
+        files = list(recipe.model_files)
+        if recipe.section("prune") or recipe.section("distill"):  # changed before export (trtkit.compress)
+            from .compress import example_shape
+
+            example_shape(config["options"], str(recipe.path))
+            data = (recipe.section("distill").get("data") or recipe.section("prune").get("data")
+                    or recipe.section("calibration").get("data"))
+            config.update(prune=recipe.section("prune"), distill=recipe.section("distill"), data=data)
+            files += [Path(data)] if data else []
+        steps.append(Step("export", config, files=files, action=_export))
     first = steps[0].name
 
     passes = recipe.section("passes") or [{"name": name} for name in DEFAULT_PASSES]
@@ -165,9 +174,31 @@ def _export(step: Step, results: dict[str, StepResult], folder: Path) -> dict[st
     from .exporting import export
 
     config = step.config
+    if config.get("prune") or config.get("distill"):
+        return _export_compressed(step, folder)
     export(config["source"], folder / "model.onnx", exporter=config["exporter"],
            checkpoint=config["checkpoint"], **config["options"])
     return {"model": "model.onnx"}
+
+
+def _export_compressed(step: Step, folder: Path) -> dict[str, Any]:
+    """[prune] / [distill]: the exporter's model, pruned and/or distilled, exported as model.onnx; the
+    original exported as dense.onnx (the compression table's reference)."""
+    from .compress import compress, example_shape, write_json
+    from .exporting import export
+    from .registry import get_registry
+
+    config = step.config
+    exporter = get_registry().exporter(config["exporter"])
+    if exporter.load_model is None:
+        raise TrtkitError(f"exporter '{exporter.name}' cannot load the model for [prune]/[distill] (no load_model)")
+    original = exporter.load_model(config["source"], config["checkpoint"])
+    changed, report = compress(original, example_shape(config["options"], "[model]"), config.get("prune"),
+                               config.get("distill"), config.get("data"))
+    export(original, folder / "dense.onnx", exporter=config["exporter"], **config["options"])
+    export(changed, folder / "model.onnx", exporter=config["exporter"], **config["options"])
+    write_json(folder / "compression.json", report)
+    return {"model": "model.onnx", "dense": "dense.onnx", "compression": "compression.json"}
 
 
 def _upstream_model(step: Step, results: dict[str, StepResult]) -> Path:
@@ -472,6 +503,14 @@ def report_context(recipe: Recipe, results: dict[str, StepResult], out: Path,
                             for run in runs if run.get("skipped"))
         if evaluator.report_section and data:
             context[evaluator.report_section] = data[0] if evaluator.compares == "all" else data
+    if "export" in results and "dense" in results["export"].outputs:  # [prune] / [distill]: the trade-off
+        from .compress import table
+
+        artefacts = [("dense FP32", results["export"].path("dense")), ("compressed FP32", results["optimize"].path("model"))]
+        if "quantize" in results:
+            artefacts.append(("compressed INT8", results["quantize"].path("model")))
+        evaluated = next((item.get("data") for item in recipe.section("evaluators") if item.get("data")), None)
+        context["compression"] = table(artefacts, evaluated or recipe.section("calibration").get("data"))
     built = [(n, r.outputs.get("skipped")) for n, r in results.items() if n.startswith("build:")]
     context["notes"] = [f"{n.removeprefix('build:')}: skipped ({why})" for n, why in built if why] + skipped_runs
     context["verdict"] = verdict(results, gates or [])

@@ -191,7 +191,17 @@ def _classes() -> dict[str, Any]:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             weight = self.weight_quantizer(self.conv.weight)
-            return self.conv._conv_forward(self.input_quantizer(x), weight, self.conv.bias)
+            if type(self.conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+                return self.conv._conv_forward(self.input_quantizer(x), weight, self.conv.bias)
+            # a Conv subclass with its own forward (e.g. TF "same" padding applied inside it): run that
+            # forward with the fake-quantized weight in place of its own (swapped in the parameter table for
+            # the call: torch.func.functional_call refuses the tracer export_onnx uses)
+            original = self.conv._parameters["weight"]
+            self.conv._parameters["weight"] = weight
+            try:
+                return self.conv(self.input_quantizer(x))
+            finally:
+                self.conv._parameters["weight"] = original
 
     class QuantLinear(nn.Module):
         """A Linear with fake-quantized input (per tensor) and weight (per output feature)."""

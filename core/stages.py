@@ -145,9 +145,12 @@ class Exporter(Component):
     export(source, output, **options) -> ModelArtifact
       source: a model object, or a spec string such as `file.py:factory` / `package.module:factory`.
       output: where the .onnx file is written (atomically).
+    load_model(source, checkpoint) -> model   (optional; the framework's model object, weights loaded, for
+      the stages that change the model before export: a recipe's [prune] and [distill])
     """
 
     export: Callable[..., ModelArtifact] = field(default=_not_registered, repr=False)
+    load_model: Callable[[Any, str | None], Any] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

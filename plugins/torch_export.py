@@ -326,6 +326,13 @@ def _export(source: Any, output: str | os.PathLike[str], **options: Any) -> Mode
     return export_torch(source, output, **options)
 
 
+def _load_model(source: Any, checkpoint: str | None = None) -> Any:
+    module, _ = resolve_module(source)
+    if checkpoint is not None:
+        load_checkpoint(module, checkpoint)
+    return module.eval()
+
+
 EXPORTER = Exporter(
     name="torch",
     description="torch.nn.Module or file.py:factory spec to ONNX (dynamo or TorchScript), checked against torch",
@@ -347,6 +354,7 @@ EXPORTER = Exporter(
         "seed": Option("int", 0, "seed of the check input"),
     },
     export=_export,
+    load_model=_load_model,
     default=True,  # the exporter used when none is named
 )
 
