@@ -103,19 +103,23 @@ def test_histogram_bins_are_exact_on_edges_zeros_and_negatives(dtype, monkeypatc
     values = rng.permutation(_edge_values(dtype, 8.0))
     reference, top = _exact_histogram(values)
     for chunk in (calibration.CHUNK, 1000, 64):  # small chunks: the range grows chunk by chunk inside one batch
-        monkeypatch.setattr(calibration, "CHUNK", chunk)
-        monkeypatch.setattr(calibration, "_SCRATCH", __import__("threading").local())
-        stats = TensorStats("t")
-        stats.update(values)
-        assert stats.range == top and stats.count == values.size
-        np.testing.assert_array_equal(stats.hist, reference)
+        for skip_zeros_from in (0, 1 << 40):  # zeros counted apart always, never
+            monkeypatch.setattr(calibration, "CHUNK", chunk)
+            monkeypatch.setattr(calibration, "SKIP_ZEROS_FROM", skip_zeros_from)
+            monkeypatch.setattr(calibration, "_SCRATCH", __import__("threading").local())
+            stats = TensorStats("t")
+            stats.update(values)
+            assert stats.range == top and stats.count == values.size
+            np.testing.assert_array_equal(stats.hist, reference)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_histogram_bins_are_exact_across_range_growth_and_zero_runs(dtype, monkeypatch):
+@pytest.mark.parametrize("skip_zeros_from", [0, 300, 1 << 40])
+def test_histogram_bins_are_exact_across_range_growth_and_zero_runs(dtype, skip_zeros_from, monkeypatch):
     import trtkit.calibration as calibration
 
     monkeypatch.setattr(calibration, "CHUNK", 512)
+    monkeypatch.setattr(calibration, "SKIP_ZEROS_FROM", skip_zeros_from)
     rng = np.random.default_rng(4)
     relu = np.maximum(rng.standard_normal((6, 700)), 0.0).astype(dtype)  # half zeros, like a ReLU's output
     relu[2, 100:400] = 0.0  # a long run of zeros
