@@ -9,6 +9,7 @@ model `trtkit quantize --exclude NAME` builds, judged here without re-calibratin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,20 @@ def evaluate_layers(models: list[str], data: str | None, num_samples: int, batch
     ranking: list[dict[str, Any]] = []
     from trtkit.ui import track
 
+    def score_all(variants: list[tuple[str, ...]]) -> list[tuple[float, float]]:
+        """The scores of several variants: on workers, those not cached yet run together, split between them."""
+        if not run_on.in_process:
+            missing = list({frozenset(v): v for v in variants if frozenset(v) not in cache}.values())
+            if missing:
+                assert data is not None  # execution() refuses workers without data
+                outputs = sharded_variants(_variant_outputs, candidate, reference, judged, missing, data,
+                                           num_samples, batch_size, run_on)
+                for in_float, out in zip(missing, outputs, strict=True):
+                    cache[frozenset(in_float)] = metrics.sqnr_db(ref_out, out), metrics.cosine(ref_out, out)
+        return [cached(v) for v in variants]
+
     if not run_on.in_process and sensitivity != "none":  # the sweep's variants on the workers, into the cache
-        sweep = [tuple(n for n in names if n != name) if sensitivity == "single" else (name,) for name in names]
-        assert data is not None  # execution() refuses workers without data
-        for in_float, out in zip(sweep, sharded_variants(_variant_outputs, candidate, reference, judged, sweep,
-                                                       data, num_samples, batch_size, run_on), strict=True):
-            cache[frozenset(in_float)] = metrics.sqnr_db(ref_out, out), metrics.cosine(ref_out, out)
+        score_all([tuple(n for n in names if n != name) if sensitivity == "single" else (name,) for name in names])
 
     if sensitivity == "single":
         for name in track(names, total=len(names), description="sensitivity"):
@@ -111,7 +120,7 @@ def evaluate_layers(models: list[str], data: str | None, num_samples: int, batch
     if target_sqnr is not None or target_cosine is not None:
         order = result["offenders"] + [n for n in names if n not in result["offenders"]]
         order = [n for n in order if n in ops]
-        search = _search(order, cached, target_sqnr, target_cosine)
+        search = _search(order, score_all, 1 if run_on.in_process else run_on.slots(), target_sqnr, target_cosine)
         result["search"] = search
         result["exclude"] = search["exclude"]
         passed = search["met"]
@@ -247,34 +256,47 @@ def _tensor_errors(ref_art: ModelArtifact, cand_art: ModelArtifact, batches: lis
 
 
 # ---- mixed precision -----------------------------------------------------------------------------------------
-def _search(order: list[str], score: Any, target_sqnr: float | None, target_cosine: float | None,
+def _search(order: list[str], score_all: Any, width: int, target_sqnr: float | None, target_cosine: float | None,
             ) -> dict[str, Any]:
-    """Greedy: keep layers in float worst-first until the target is met, then drop any that is not needed."""
+    """Greedy: keep layers in float worst-first until the target is met, then drop any that is not needed.
 
-    def meets(float_layers: list[str]) -> tuple[bool, float, float]:
-        sqnr, cos = score(float_layers)
-        ok = sqnr >= target_sqnr if target_sqnr is not None else cos >= float(target_cosine)  # type: ignore[arg-type]
-        return ok, sqnr, cos
+    score_all(variants) -> [(sqnr, cosine)] scores `width` variants at a time (the workers' slots): the steps one
+    at a time would take next, each assuming the ones before it in the round fail; the first that succeeds ends
+    the round. The result is the one-at-a-time result; only scores past a success are spent for nothing."""
+
+    def meets(score: tuple[float, float]) -> bool:
+        sqnr, cos = score
+        return sqnr >= target_sqnr if target_sqnr is not None else cos >= float(target_cosine)  # type: ignore[arg-type]
 
     target = {"target_sqnr": target_sqnr} if target_sqnr is not None else {"target_cosine": target_cosine}
-    chosen: list[str] = []
-    ok, sqnr, cos = meets(chosen)
-    for name in order:
-        if ok:
+    # Forward: the shortest prefix of `order` in float that meets the target.
+    found: tuple[int, tuple[float, float]] | None = None
+    score = (math.nan, math.nan)
+    for first in range(0, len(order) + 1, width):
+        sizes = range(first, min(first + width, len(order) + 1))
+        for size, score in zip(sizes, score_all([tuple(order[:size]) for size in sizes]), strict=True):
+            if meets(score):
+                found = size, score
+                break
+        if found:
             break
-        chosen.append(name)
-        ok, sqnr, cos = meets(chosen)
-    if not ok:
-        return {**target, "met": False, "exclude": list(order), "sqnr_db": sqnr, "cosine": cos,
+    if found is None:
+        return {**target, "met": False, "exclude": list(order), "sqnr_db": score[0], "cosine": score[1],
                 "note": "the target is not met even with every quantized layer in float"}
+    chosen, score = list(order[:found[0]]), found[1]
     # Prune: try dropping each chosen layer, least harmful (latest added) first.
-    for name in reversed(list(chosen)):
-        trial = [n for n in chosen if n != name]
-        trial_ok, trial_sqnr, trial_cos = meets(trial)
-        if trial_ok:
-            chosen, sqnr, cos = trial, trial_sqnr, trial_cos
+    candidates, at = chosen[::-1], 0
+    while at < len(candidates):
+        batch = candidates[at:at + width]
+        trials = [[n for n in chosen if n != name] for name in batch]
+        at += len(batch)
+        for offset, (trial, trial_score) in enumerate(zip(trials, score_all([tuple(t) for t in trials]), strict=True)):
+            if meets(trial_score):
+                chosen, score = trial, trial_score
+                at -= len(batch) - offset - 1  # the later trials of this round assumed this one failed
+                break
     exclude = [n for n in order if n in chosen]
-    return {**target, "met": True, "exclude": exclude, "sqnr_db": sqnr, "cosine": cos,
+    return {**target, "met": True, "exclude": exclude, "sqnr_db": score[0], "cosine": score[1],
             "quantized_layers": len(order) - len(exclude), "float_layers": len(exclude),
             "command": " ".join(f"--exclude {n}" for n in exclude)}
 
