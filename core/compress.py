@@ -82,15 +82,25 @@ def compress(model: Any, shape: list[int], prune: Mapping[str, Any] | None, dist
 # ---- the report's table -------------------------------------------------------------------------------------
 def onnx_counts(path: str | Path) -> dict[str, int]:
     """{"macs": multiply-accumulates of Conv/Gemm/MatMul for batch 1, "params": initializer elements} from an
-    ONNX file (shape inference; QDQ models count their int8 weights)."""
+    ONNX file (QDQ models count their int8 weights). Output shapes come from one onnxruntime run on zeros
+    (batch 1): shape inference loses them behind computed paddings."""
     import numpy as np
     import onnx
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    shapes: dict[str, list[int]] = {}
-    for value in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
-        dims = [d.dim_value if d.dim_value > 0 else 1 for d in value.type.tensor_type.shape.dim]
-        shapes[value.name] = dims
+    from .runtime import session
+
+    model = onnx.load(str(path))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    wanted = [node.output[0] for node in model.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted if name not in known)
+    sess = session(probe, emulate_qdq=False)
+    feeds = {i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in i.shape], np.float32)
+             for i in sess.get_inputs()}
+    names = [o.name for o in sess.get_outputs()]
+    shapes: dict[str, list[int]] = {name: list(value.shape) for name, value in zip(names, sess.run(None, feeds),
+                                                                                    strict=True)}
     inits = {t.name: list(t.dims) for t in model.graph.initializer}
     for node in model.graph.node:  # weights behind DequantizeLinear keep their initializer's shape
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:

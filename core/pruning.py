@@ -54,15 +54,36 @@ def find_criterion(name: str | None) -> PruningCriterion:
 
 
 def count(model: Any, example: Any) -> dict[str, int]:
-    """{"macs": multiply-accumulates of one forward on `example`, "params": parameter count}."""
-    tp = _need_torch_pruning()
+    """{"macs": multiply-accumulates of the Conv/Linear layers in one forward on `example` (per sample),
+    "params": parameter count}. Counted with forward hooks on the layers themselves, so Conv subclasses with
+    their own forward (TF "same" padding) count like any Conv."""
+    import torch
+    from torch import nn
+
+    total = [0]
+
+    def hook(module: Any, inputs: Any, output: Any) -> None:
+        per_sample = output.numel() // max(1, output.shape[0])
+        if isinstance(module, nn.modules.conv._ConvNd):
+            kernel = 1
+            for size in module.kernel_size:
+                kernel *= int(size)
+            total[0] += per_sample * (module.in_channels // module.groups) * kernel
+        else:
+            total[0] += per_sample * module.in_features
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     was_training = model.training
     model.eval()
     try:
-        macs, params = tp.utils.count_ops_and_params(model, _as_tuple(example))
+        with torch.no_grad():
+            model(*(e.to(next(model.parameters()).device) for e in _as_tuple(example)))
     finally:
         model.train(was_training)
-    return {"macs": int(macs), "params": int(params)}
+        for handle in hooks:
+            handle.remove()
+    return {"macs": int(total[0]), "params": int(sum(p.numel() for p in model.parameters()))}
 
 
 def _as_tuple(example: Any) -> tuple[Any, ...]:
