@@ -117,7 +117,7 @@ def _bootstrap_trtkit() -> None:
         trtkit.__path__.append(str(ROOT))  # type: ignore[attr-defined]
         from trtkit import registry
         from trtkit.plugins import calibrators
-        from trtkit.plugins import prune as prune_plugin
+        from trtkit.plugins import pruning as prune_plugin
 
         registry.set_registry(registry.load_plugins(extra_modules=[calibrators, prune_plugin]))
     sys.path.insert(0, str(CARRY / "site"))

@@ -16,7 +16,7 @@ from trtkit.stages import Calibrator, Component, GraphPass, Option
 
 BUILTINS = {
     "torch_export", "passes", "calibrators", "qdq", "onnxruntime_builder", "tensorrt", "evaluators",
-    "jetson", "ptq", "prune", "sparsity", "ray_engine",
+    "jetson", "ptq", "pruning", "sparsity", "ray_engine",
 } | {f"commands.{name}" for name in ("export", "prune", "optimize", "calibrate", "quantize", "build", "inspect",
                                      "eval", "run", "init")}
 

@@ -1,4 +1,4 @@
-"""Structured pruning (trtkit.pruning, plugins/prune, `trtkit prune`): real torch models, real onnxruntime."""
+"""Structured pruning (trtkit.pruning, plugins/pruning, `trtkit prune`): real torch models, real onnxruntime."""
 
 from __future__ import annotations
 

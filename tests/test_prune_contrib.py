@@ -28,7 +28,7 @@ def test_pip_installed_criterion_prunes_through_the_cli(fresh_venv, wheel, tmp_p
     plugins = {p["name"]: p for p in json.loads(listed.stdout)["plugins"]}
     assert plugins["prune-fpgm"]["source"] == "third-party"
     assert plugins["prune-fpgm"]["registers"] == {"pruning_criteria": ["fpgm"]}
-    assert plugins["prune"]["registers"] == {"pruning_criteria": ["bn-scale", "l1", "l2", "taylor"]}
+    assert plugins["pruning"]["registers"] == {"pruning_criteria": ["bn-scale", "l1", "l2", "taylor"]}
 
     model = tmp_path / "net.py"
     model.write_text(textwrap.dedent("""
