@@ -108,9 +108,10 @@ def _constants(model):
 
 def test_conv_batchnorm_mul_add_chain_is_rounded_once():
     """Issue 17 item 3: a Conv -> BatchNorm -> Mul -> Add chain (Paddle exports, weights as Constant nodes) is
-    folded one node at a time, but the folded weight and bias are the float64 result of the whole chain rounded
-    to float32 once, bit for bit (rounding after each fold drifted the PP-OCRv4 text detector's map by 5e-5 of
-    its range in float64 evaluation, against 2e-5 for one rounding)."""
+    folded one node at a time, but the folded bias is the float64 result of the whole chain rounded to float32
+    once, bit for bit (rounding after each fold drifted the PP-OCRv4 text detector's map by 5e-5 of its range in
+    float64 evaluation, against 2e-5 for one rounding); the weight is within one ulp of that (rounded per fold,
+    so that no float64 copy of every weight is held)."""
     rng = np.random.default_rng(17)
     c_out, c_in = 64, 8
     w = rng.normal(size=(c_out, c_in, 3, 3)).astype(np.float32)
@@ -140,7 +141,7 @@ def test_conv_batchnorm_mul_add_chain_is_rounded_once():
     s64, a64 = s.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64)
     w_exact = w.astype(np.float64) * bn_scale.reshape(-1, 1, 1, 1) * s64.reshape(-1, 1, 1, 1)
     b_exact = ((b.astype(np.float64) - mean) * bn_scale + beta) * s64 + a64
-    assert np.array_equal(values[conv.input[1]], w_exact.astype(np.float32))
+    np.testing.assert_array_max_ulp(values[conv.input[1]], w_exact.astype(np.float32), maxulp=1)
     assert np.array_equal(values[conv.input[2]], b_exact.astype(np.float32))
     feeds = {"x": rng.normal(size=(1, c_in, 6, 6)).astype(np.float32)}
     np.testing.assert_allclose(_outputs(result.artifact, feeds)["y"], _outputs(art, feeds)["y"], rtol=1e-5, atol=1e-5)
