@@ -580,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.from_json:
         runs = [json.loads(path.read_text()) for path in args.from_json]
         for run in runs:
-            info = run["machine"]
+            info = run.get("machine") or run["machines"][0]  # a merged file (--from-json --json) keeps them all
             print(f"machine: {info['cpu']}, {info['cores']} cores; onnxruntime {info['onnxruntime']}; "
                   f"trtkit {info['trtkit_commit']}; {info['date']}; {run.get('total_s')} s wall, "
                   f"{run.get('cpu_s')} s CPU")
