@@ -280,3 +280,18 @@ def test_range_choice_keeps_the_full_range_only_where_it_measures_better(tmp_pat
         assert chosen[decision.what] == pytest.approx(max(abs(stats["min"]), abs(stats["max"])))
     _, plain = quantize_checked(model, scales, calib, adaptive_round=False, choose_ranges=False)
     assert report.measured > plain.measured
+
+
+def test_without_a_target_a_task_metric_is_what_the_decisions_are_judged_by(setup):
+    """--task-metric without --target: the held-out check measures that task metric (what the user said
+    matters), not the output's SQNR."""
+    from trtkit.plugins.qdq.target import quantize_checked
+
+    folder, model, calib, *_ = setup
+    result, report = quantize_checked(model, folder / "scales.json", calib, adaptive_round=False,
+                                      task_metrics=["map output=prob threshold=0.5"])
+    assert report.metric == "map_iou" and report.target is None
+    assert 0.0 <= report.measured <= 1.0
+    assert result.metadata["quantization"]["checked"]["metric"] == "map_iou"
+    _, plain = quantize_checked(model, folder / "scales.json", calib, adaptive_round=False)
+    assert plain.metric == "sqnr"

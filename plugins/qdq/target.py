@@ -258,7 +258,7 @@ def quantize_checked(
     outputs = [spec.name for spec in output_specs(source.model)]
     metrics = parse_task_metrics(list(task_metrics), outputs) if task_metrics else []
     goal = parse_target(target, outputs, metrics) if target else None
-    metric = goal or Target(metric="sqnr", op=">=", value=float("-inf"), text="")
+    metric = goal or _check_metric(metrics)
     fit, check = _split(data, source, round_samples, check_samples, min_check_samples)
     report = TargetReport(metric=metric.metric, target=goal.text if goal else None,
                           check_samples=len(next(iter(check.values()))), round_samples=len(next(iter(fit.values()))))
@@ -325,6 +325,18 @@ def quantize_checked(
         report.blocking = (f"{', '.join(left[0][2])} (input '{left[0][1]}')" if left else
                            "no activation quantizer left to remove")
     return _finish(result, report)
+
+
+def _check_metric(task_metrics: Sequence[TaskMetric]) -> Target:
+    """What the decisions are judged by without a target: the first task metric's main measure (the user named
+    what matters: a detector's positives, not the box coordinates that dominate its output's SQNR), else SQNR."""
+    from trtkit.metrics import TASK_GATES
+
+    for task_metric in task_metrics:
+        for name, (kind, _) in TASK_GATES.items():
+            if kind == task_metric.kind and not name.endswith("mae"):
+                return Target(metric=name, op=">=", value=float("-inf"), text="")
+    return Target(metric="sqnr", op=">=", value=float("-inf"), text="")
 
 
 def _rescaled(given: Any, amax: Mapping[str, float], changed: Iterable[str], source_label: str) -> Any:
