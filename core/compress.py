@@ -157,4 +157,6 @@ def table(artefacts: list[tuple[str, Path]], data: str | None, runs: int = 20) -
 
 
 def write_json(path: Path, report: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    from .fileio import write_text
+
+    write_text(path, json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
