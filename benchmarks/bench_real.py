@@ -596,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table(list(merged.values())))
         if args.json:
             args.json.write_text(json.dumps({"merged_from": [str(p) for p in args.from_json],
-                                             "machines": [run["machine"] for run in runs],
+                                             "machines": [run.get("machine") or run["machines"][0] for run in runs],
                                              "results": list(merged.values())}, indent=1) + "\n")
         return 0
     names = [n for n in args.models.split(",") if n]
