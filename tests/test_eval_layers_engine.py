@@ -7,38 +7,20 @@ itself runs the same evaluator in tests/test_ray.py.
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
-
 import numpy as np
 import pytest
 from eval_helpers import mlp_fp32, mlp_inputs, quantize_max
+from process_engine import MAPS, process_engine_registry
 
 import trtkit
-from trtkit import hookimpl
 from trtkit.engine import Execution
 from trtkit.evaluation import to_json
-from trtkit.registry import load_plugins, set_registry
-from trtkit.stages import Engine
-
-MAPS: list[int] = []
-
-
-def _pool_map(work, shared, items, workers=None, address=None):
-    MAPS.append(len(items))
-    with ProcessPoolExecutor(max_workers=workers or 2) as pool:
-        return list(pool.map(work, [shared] * len(items), items))
-
-
-class ProcessEngine:
-    @hookimpl
-    def register_engines(self, register):
-        register(Engine(name="processes", description="worker processes of this machine", map=_pool_map,
-                        slots=lambda workers, address: workers or 2))
+from trtkit.registry import set_registry
 
 
 @pytest.fixture(scope="module")
 def engine():
-    registry = load_plugins(extra_modules=[ProcessEngine()])
+    registry = process_engine_registry()
     set_registry(registry)
     yield registry.get("engines", "processes")
     set_registry(None)

@@ -9,41 +9,25 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from process_engine import process_engine_registry
 from qdq_models import residual_model
 
-from trtkit import hookimpl
 from trtkit.calibration import TensorStats, collect
 from trtkit.engine import Execution, split
 from trtkit.errors import DataError, OptionError
-from trtkit.registry import get_registry, load_plugins, set_registry
-from trtkit.stages import Engine
+from trtkit.registry import get_registry, set_registry
 
 METHODS = ("minmax", "entropy", "percentile", "mse")
 
 
-def _pool_map(work, shared, items, workers=None, address=None):
-    with ProcessPoolExecutor(max_workers=workers or 2) as pool:
-        return list(pool.map(work, [shared] * len(items), items))
-
-
-class ProcessEngine:
-    """A third party's engine: worker processes of concurrent.futures (what an engine plugin looks like)."""
-
-    @hookimpl
-    def register_engines(self, register):
-        register(Engine(name="processes", description="worker processes of this machine", map=_pool_map,
-                        slots=lambda workers, address: workers or 2))
-
-
 @pytest.fixture(scope="module")
 def engine():
-    registry = load_plugins(extra_modules=[ProcessEngine()])
+    registry = process_engine_registry()
     set_registry(registry)
     yield registry.get("engines", "processes")
     set_registry(None)
