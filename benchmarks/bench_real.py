@@ -579,11 +579,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.from_json:
         runs = [json.loads(path.read_text()) for path in args.from_json]
+        # A run has its machine; a merged file (--from-json --json) keeps the machines of all its runs.
+        machines = [info for run in runs for info in (run.get("machines") or [run["machine"]])]
         for run in runs:
-            info = run.get("machine") or run["machines"][0]  # a merged file (--from-json --json) keeps them all
-            print(f"machine: {info['cpu']}, {info['cores']} cores; onnxruntime {info['onnxruntime']}; "
-                  f"trtkit {info['trtkit_commit']}; {info['date']}; {run.get('total_s')} s wall, "
-                  f"{run.get('cpu_s')} s CPU")
+            for info in run.get("machines") or [run["machine"]]:
+                print(f"machine: {info['cpu']}, {info['cores']} cores; onnxruntime {info['onnxruntime']}; "
+                      f"trtkit {info['trtkit_commit']}; {info['date']}; {run.get('total_s')} s wall, "
+                      f"{run.get('cpu_s')} s CPU")
         merged: dict[str, dict[str, Any]] = {}
         for run in runs:
             for res in run["results"]:
@@ -596,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table(list(merged.values())))
         if args.json:
             args.json.write_text(json.dumps({"merged_from": [str(p) for p in args.from_json],
-                                             "machines": [run.get("machine") or run["machines"][0] for run in runs],
+                                             "machines": machines,
                                              "results": list(merged.values())}, indent=1) + "\n")
         return 0
     names = [n for n in args.models.split(",") if n]
