@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
+    from trtkit.graph import GraphIndex
     from trtkit.model import ModelArtifact
 
 GRID_LOW = 0.5       # smallest range tried, relative to the calibrator's
@@ -35,13 +36,11 @@ class _Reader:
     kernel: tuple[int, ...]
 
 
-def _readers(source: ModelArtifact, layers: Sequence[str], tensor: str) -> list[_Reader]:
-    from trtkit.graph import GraphIndex
+def _readers(source: ModelArtifact, index: GraphIndex, by_name: Mapping[str, Any], layers: Sequence[str],
+             tensor: str) -> list[_Reader]:
     from trtkit.plugins.ptq.adaptive_round import _weight_rows
     from trtkit.plugins.ptq.common import attribute, constant_array
 
-    index = GraphIndex(source.model.graph)
-    by_name = {node.name: node for node in source.model.graph.node if node.name}
     found = []
     for name in layers:
         node = by_name.get(name)
@@ -90,14 +89,17 @@ def search_ranges(source: ModelArtifact, amax: Mapping[str, float], full: Mappin
     each tensor's max |x| seen in calibration. Returns the tensors whose best range differs, with that range."""
     import numpy as np
 
+    from trtkit.graph import GraphIndex
     from trtkit.runtime import session
     from trtkit.ui import track
 
+    index = GraphIndex(source.model.graph)
+    by_name = {node.name: node for node in source.model.graph.node if node.name}
     plan = {}
     for tensor, layers in readers.items():
         if tensor not in amax or amax[tensor] <= 0:
             continue
-        found = _readers(source, layers, tensor)
+        found = _readers(source, index, by_name, layers, tensor)
         if found:
             plan[tensor] = (found, _grid(float(amax[tensor]), float(full.get(tensor, amax[tensor]))))
     if not plan:

@@ -266,9 +266,10 @@ def quantize_checked(
     options = dict(quantize_options or {})
     user_exclude = list(exclude)
     if choose_ranges:
-        scales = _search_ranges(source, scales, metric, reference, fit, check, metrics, user_exclude, options,
-                                report)
-        scales = _choose_ranges(source, scales, metric, reference, check, metrics, user_exclude, options, report)
+        scales, measured = _search_ranges(source, scales, metric, reference, fit, check, metrics, user_exclude,
+                                          options, report)
+        scales = _choose_ranges(source, scales, metric, reference, check, metrics, user_exclude, options, report,
+                                measured)
 
     def build(float_nodes: list[str]) -> tuple[ModelArtifact, float]:
         base = quantize(source, scales, exclude=user_exclude + float_nodes, **options)
@@ -339,6 +340,12 @@ def _check_metric(task_metrics: Sequence[TaskMetric]) -> Target:
     return Target(metric="sqnr", op=">=", value=float("-inf"), text="")
 
 
+def _full_ranges(given: Any) -> dict[str, float]:
+    """Each scaled tensor's full observed range, max |x| from the calibration statistics the scales keep."""
+    return {name: max(abs(float(st.get("min", 0.0))), abs(float(st.get("max", 0.0))))
+            for name, st in given.stats.items() if name in given}
+
+
 def _rescaled(given: Any, amax: Mapping[str, float], changed: Iterable[str], source_label: str) -> Any:
     """`given` Scales with the ranges `amax`; the tensors `changed` are recorded as coming from `source_label`."""
     from trtkit.scales import Scales
@@ -352,9 +359,10 @@ def _rescaled(given: Any, amax: Mapping[str, float], changed: Iterable[str], sou
 def _search_ranges(source: ModelArtifact, scales: Any, metric: Target, reference: Mapping[str, np.ndarray],
                    fit: Mapping[str, np.ndarray], check: Mapping[str, np.ndarray],
                    task_metrics: Sequence[TaskMetric], exclude: list[str], options: Mapping[str, Any],
-                   report: TargetReport, samples: int = 16) -> Any:
+                   report: TargetReport, samples: int = 16) -> tuple[Any, float | None]:
     """Per activation read by Conv/Gemm/MatMul, the range with the least error at those layers' outputs
-    (plugins/qdq/range_search.py, on up to `samples` rounding samples); kept if the held-out metric improves."""
+    (plugins/qdq/range_search.py, on up to `samples` rounding samples); kept if the held-out metric improves.
+    Returns (the scales to use, their held-out metric; None when the search changed nothing to measure)."""
     from trtkit.scales import as_scales
 
     from .insert import quantize
@@ -363,12 +371,10 @@ def _search_ranges(source: ModelArtifact, scales: Any, metric: Target, reference
     given = as_scales(scales)
     base = quantize(source, given, exclude=exclude, **options)
     readers = {tensor: layers for tensor, layers in _activation_quantizers(base.model)}
-    full = {name: max(abs(float(st.get("min", 0.0))), abs(float(st.get("max", 0.0))))
-            for name, st in given.stats.items() if name in given}
     subset = {name: array[:samples] for name, array in fit.items()}
-    chosen = search_ranges(source, dict(given.items()), full, readers, subset)
+    chosen = search_ranges(source, dict(given.items()), _full_ranges(given), readers, subset)
     if not chosen:
-        return scales
+        return scales, None
     current = measure(metric, reference, _run(base, check), task_metrics)
     amax = {**dict(given.items()), **chosen}
     trial = measure(metric, reference, _run(quantize(source, amax, exclude=exclude, strict_names=False, **options),
@@ -378,29 +384,30 @@ def _search_ranges(source: ModelArtifact, scales: Any, metric: Target, reference
         "range-search", f"{len(chosen)} of {len(readers)} tensors",
         ("kept" if keep else "dropped") + ": ranges with the least error at their layers' outputs"
         + (" measured better" if keep else " not better on the held-out data"), current, trial))
-    return _rescaled(given, amax, chosen, "layer-error") if keep else scales
+    return (_rescaled(given, amax, chosen, "layer-error"), trial) if keep else (scales, current)
 
 
 def _choose_ranges(source: ModelArtifact, scales: Any, metric: Target, reference: Mapping[str, np.ndarray],
                    check: Mapping[str, np.ndarray], task_metrics: Sequence[TaskMetric], exclude: list[str],
-                   options: Mapping[str, Any], report: TargetReport) -> Any:
+                   options: Mapping[str, Any], report: TargetReport, current: float | None = None) -> Any:
     """Per activation tensor, the calibrator's (clipped) range or the full observed range (max |x|, recorded by
     calibration): each clipped tensor in turn is tried unclipped and kept so where the held-out metric improves.
     One calibrator is rarely right for every tensor (percentile clips detector score logits whose extremes are
-    the detections; minmax wastes levels on outliers elsewhere). Returns the scales to use."""
+    the detections; minmax wastes levels on outliers elsewhere). `current`: the held-out metric of `scales`
+    when already measured. Returns the scales to use."""
     from trtkit.scales import as_scales
 
     from .insert import quantize
 
     given = as_scales(scales)
-    full = {name: max(abs(float(st.get("min", 0.0))), abs(float(st.get("max", 0.0))))
-            for name, st in given.stats.items() if name in given}
+    full = _full_ranges(given)
     clipped = sorted(name for name, value in full.items() if value > 1.01 * given[name])
     if not clipped:
         return scales
     amax = dict(given.items())
-    current = measure(metric, reference, _run(quantize(source, given, exclude=exclude, **options), check),
-                      task_metrics)
+    if current is None:
+        current = measure(metric, reference, _run(quantize(source, given, exclude=exclude, **options), check),
+                          task_metrics)
     kept = []
     for name in clipped:
         trial_amax = {**amax, name: full[name]}
