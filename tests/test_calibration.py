@@ -95,8 +95,22 @@ def _edge_values(dtype, top):
     return values[np.abs(values) < top]
 
 
+@pytest.fixture(params=["numpy", "native"])
+def counter(request, monkeypatch):
+    """Each exactness test runs on both ways of counting bins: numpy's and the compiled kernel's
+    (trtkit.native_count; skipped where no C compiler can build it)."""
+    from trtkit import native_count
+
+    monkeypatch.setenv("TRTKIT_NATIVE", "1" if request.param == "native" else "0")
+    native_count.count_function.cache_clear()
+    if request.param == "native" and native_count.count_function() is None:
+        pytest.skip("the compiled counter cannot be built here (no C compiler)")
+    yield request.param
+    native_count.count_function.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_histogram_bins_are_exact_on_edges_zeros_and_negatives(dtype, monkeypatch):
+def test_histogram_bins_are_exact_on_edges_zeros_and_negatives(dtype, counter, monkeypatch):
     import trtkit.calibration as calibration
 
     rng = np.random.default_rng(3)
@@ -105,6 +119,7 @@ def test_histogram_bins_are_exact_on_edges_zeros_and_negatives(dtype, monkeypatc
     for chunk in (calibration.CHUNK, 1000, 64):  # small chunks: the range grows chunk by chunk inside one batch
         for skip_zeros_from in (0, 1 << 40):  # zeros counted apart always, never
             monkeypatch.setattr(calibration, "CHUNK", chunk)
+            monkeypatch.setattr(calibration, "NATIVE_CHUNK", chunk)
             monkeypatch.setattr(calibration, "SKIP_ZEROS_FROM", skip_zeros_from)
             monkeypatch.setattr(calibration, "_SCRATCH", __import__("threading").local())
             stats = TensorStats("t")
@@ -115,10 +130,11 @@ def test_histogram_bins_are_exact_on_edges_zeros_and_negatives(dtype, monkeypatc
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("skip_zeros_from", [0, 300, 1 << 40])
-def test_histogram_bins_are_exact_across_range_growth_and_zero_runs(dtype, skip_zeros_from, monkeypatch):
+def test_histogram_bins_are_exact_across_range_growth_and_zero_runs(dtype, skip_zeros_from, counter, monkeypatch):
     import trtkit.calibration as calibration
 
     monkeypatch.setattr(calibration, "CHUNK", 512)
+    monkeypatch.setattr(calibration, "NATIVE_CHUNK", 512)
     monkeypatch.setattr(calibration, "SKIP_ZEROS_FROM", skip_zeros_from)
     rng = np.random.default_rng(4)
     relu = np.maximum(rng.standard_normal((6, 700)), 0.0).astype(dtype)  # half zeros, like a ReLU's output
