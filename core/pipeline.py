@@ -129,7 +129,7 @@ def steps_for(recipe: Recipe) -> list[Step]:
                                                       "adaptive_round", "target", "task_metrics", "max_float")}
         qconfig["data"] = data  # the scales builder refines and checks on it when it can (it declares 'data')
         steps.append(Step("quantize", qconfig, needs=["optimize", "calibrate"], files=[Path(data)],
-                          action=_quantize))
+                          action=functools.partial(_quantize, execution=recipe.section("execution"))))
 
     built: list[str] = []
     for item in recipe.section("builders") or [{"name": registry.default("builders").name}]:
@@ -239,11 +239,15 @@ def _calibrate(settings: CalibrationSettings, execution: Execution, step: Step, 
     return outputs
 
 
-def _quantize(step: Step, results: dict[str, StepResult], folder: Path) -> dict[str, Any]:
+def _quantize(step: Step, results: dict[str, StepResult], folder: Path,
+              execution: Mapping[str, Any] | None = None) -> dict[str, Any]:
     from .calibration import scales_builder
 
     builder = scales_builder()  # the builder that takes calibrated scales (it declares scale_tensors)
     given = {key: value for key, value in step.config.items() if value is not None}
+    if "workers" in builder.options and step.config.get("data") is not None:  # [execution]: not in the cache key
+        given.update({key: (execution or {}).get(key) for key in ("workers", "address", "engine")
+                      if (execution or {}).get(key) is not None})
     if "data" in builder.options and step.config.get("data") is not None:
         given["data"] = str(step.config["data"])  # a builder that can use the calibration data gets it
     else:

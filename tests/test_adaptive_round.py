@@ -295,3 +295,61 @@ def test_without_a_target_a_task_metric_is_what_the_decisions_are_judged_by(setu
     assert result.metadata["quantization"]["checked"]["metric"] == "map_iou"
     _, plain = quantize_checked(model, folder / "scales.json", calib, adaptive_round=False)
     assert plain.metric == "sqnr"
+
+
+@pytest.fixture
+def process_engine():
+    from process_engine import process_engine_registry
+
+    from trtkit.registry import set_registry
+
+    registry = process_engine_registry()
+    set_registry(registry)
+    yield
+    set_registry(None)
+
+
+def test_gram_sums_on_workers_give_the_in_process_model_byte_for_byte(process_engine, tmp_path):
+    """The Gram matrices accumulated on a process-pool engine's workers (shards of whole batches, summed on
+    the driver in batch order) round every weight as one process does: the same model bytes and report,
+    whatever the number of workers (uneven shards included), over two blocks (the second block's inputs
+    come from the model the first block rounded: the workers get it)."""
+    from trtkit.engine import Execution
+
+    model = outlier_model(tmp_path / "model.onnx")
+    calib = np.random.default_rng(2).uniform(0, 1, (36, 16, 8, 8)).astype(np.float32)
+    trtkit.quantize(model, trtkit.calibrate(model, calib, progress=False), output=tmp_path / "int8.onnx")
+    # 5 batches, the last one of 4 samples; 20 of the 64 output positions sampled per sample, seeded by the
+    # batch's number in the whole pass (a worker numbering its own batches would pick other positions)
+    options = {"limit": 36, "batch_size": 8, "blocks": 2, "positions": 20}
+    here, here_report = adaptive_round(tmp_path / "int8.onnx", model, calib, **options)
+    here.save(tmp_path / "here.onnx")
+    assert len(here_report.layers) == 2
+    for workers in (2, 3):
+        there, there_report = adaptive_round(tmp_path / "int8.onnx", model, calib, **options,
+                                             execution=Execution.create(engine="processes", workers=workers))
+        there.save(tmp_path / f"there{workers}.onnx")
+        assert (tmp_path / f"there{workers}.onnx").read_bytes() == (tmp_path / "here.onnx").read_bytes(), workers
+        assert there_report.as_dict() == here_report.as_dict()
+
+
+
+def test_recipe_execution_section_rounds_on_the_engine_identically(process_engine, setup, tmp_path):
+    """A recipe's [execution] reaches the quantize step: its adaptive rounding runs on the engine's workers
+    (the engine's map calls are counted) and the int8 model is the in-process one, byte for byte."""
+    from process_engine import MAPS
+
+    from trtkit.pipeline import run_recipe
+
+    folder, model, *_ = setup
+    base = (f'[model]\nonnx = "{model}"\n[calibration]\ndata = "{folder / "calib.npy"}"\nmethod = "percentile"\n'
+            'batch_size = 8\n[report]\nenabled = false\n[[builders]]\nname = "onnxruntime"\nprecisions = ["int8"]\n')
+    models, maps = [], []
+    for name, extra in (("local", ""), ("engine", '[execution]\nengine = "processes"\nworkers = 2\n')):
+        (tmp_path / f"{name}.toml").write_text(base + extra)
+        MAPS.clear()
+        run_recipe(tmp_path / f"{name}.toml", tmp_path / name)
+        maps.append(list(MAPS))
+        models.append(sorted((tmp_path / name).rglob("*int8*.onnx")))
+    assert maps[0] == [] and len(maps[1]) > 1  # calibration's shards, then the rounding's, on the workers
+    assert models[0] and [p.read_bytes() for p in models[0]] == [p.read_bytes() for p in models[1]]

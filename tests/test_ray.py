@@ -148,3 +148,27 @@ def test_recipe_execution_section_identical_scales(ray_address, model_and_data, 
         assert result.returncode == 0, result.stderr[-2000:]
         scales.append((tmp_path / name / "scales.json").read_bytes())
     assert scales[0] == scales[1]
+
+
+def test_adaptive_rounding_on_ray_gives_the_in_process_model(ray_address, model_and_data, tmp_path):
+    """`quantize --data --workers 2`: calibration and adaptive rounding's Gram sums on Ray workers; the
+    quantized model is the one a single process writes, byte for byte (and so through a recipe's
+    [execution])."""
+    from trtkit.plugins.ptq.adaptive_round import adaptive_round
+    from trtkit.plugins.qdq.insert import quantize
+
+    model, data, x = model_and_data
+    qdq = quantize(str(model), collect(model, x, progress=False).compute("percentile"))
+    options = {"limit": 40, "batch_size": 8, "blocks": 2, "positions": 16}
+    here, _ = adaptive_round(qdq, str(model), x, **options)
+    there, report = adaptive_round(qdq, str(model), x, **options, execution=Execution.create(workers=2))
+    assert report.layers and here.model.SerializeToString() == there.model.SerializeToString()
+
+    common = ("quantize", str(model), "--data", str(data), "--json")
+    local = run_cli(*common, "-o", str(tmp_path / "local.onnx"))
+    assert local.returncode == 0, local.stderr
+    remote = run_cli(*common, "-o", str(tmp_path / "ray.onnx"), "--workers", "2", "--ray-address", ray_address)
+    assert remote.returncode == 0, remote.stderr
+    assert '"adaptive-round"' in remote.stdout
+    assert (tmp_path / "local.onnx").read_bytes() == (tmp_path / "ray.onnx").read_bytes()
+

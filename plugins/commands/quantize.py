@@ -16,7 +16,15 @@ from typing import Annotated, Any
 import typer
 
 from trtkit import hookimpl
-from trtkit.cli_args import DataFlag, JsonFlag, TaskMetricFlag, output_flag
+from trtkit.cli_args import (
+    DataFlag,
+    JsonFlag,
+    RayAddressFlag,
+    TaskMetricFlag,
+    WorkersFlag,
+    execution,
+    output_flag,
+)
 
 HELP_ORDER = 40
 
@@ -36,6 +44,8 @@ def quantize_command(
     task_metric: TaskMetricFlag = None,
     adaptive_round: Annotated[bool, typer.Option("--adaptive-round/--nearest-round", help="With --data: choose int8 weights against each layer's output (kept only when it measures better).")] = True,
     max_float: Annotated[int | None, typer.Option("--max-float", help="With --target: at most this many layers in float (default: a quarter of them).")] = None,
+    workers: WorkersFlag = None,
+    ray_address: RayAddressFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Insert int8 Q/DQ nodes where TensorRT fuses them (per-channel weights, per-tensor activations).
@@ -53,9 +63,18 @@ def quantize_command(
     for flag, value in (("--target", target), ("--task-metric", task_metric), ("--max-float", max_float)):
         if value and data is None:
             raise OptionError(f"{flag} needs --data (the result is measured on held-out samples)")
+    run_on = execution(workers, ray_address)  # adaptive rounding's Gram sums on workers; results identical
     output = output or model.with_name(model.stem + ".int8.onnx")
     check_output_path(output, model)
-    source: Any = scales if scales is not None else calibrate(model, data, method=method)
+    if scales is not None:
+        source: Any = scales
+    elif run_on.in_process:
+        source = calibrate(model, data, method=method)
+    else:  # the calibration too runs on the workers (the same scales)
+        from trtkit.calibration import CalibrationSettings
+
+        settings = CalibrationSettings.create(method=method)
+        source = settings.scales(settings.collect_on(run_on, model, data))
     options = {"exclude_op_types": exclude_op_type or (), "per_channel": not per_tensor,
                "reduce_range": reduce_range, "concat_max_ratio": concat_max_ratio}
     checked = None
@@ -66,7 +85,8 @@ def quantize_command(
 
         artifact, checked = quantize_checked(model, source, data, target=target, task_metrics=task_metric or (),
                                              exclude=exclude or (), adaptive_round=adaptive_round,
-                                             max_float=max_float, quantize_options=options)
+                                             max_float=max_float, quantize_options=options,
+                                             execution=None if run_on.in_process else run_on)
         artifact.save(output)
     info = artifact.metadata["quantization"]
     summary = {

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import numpy as np
     import onnx
 
+    from trtkit.engine import Execution
     from trtkit.model import ModelArtifact
 
 QMAX = 127  # TensorRT int8 weights: [-127, 127]
@@ -165,18 +166,35 @@ def _rows(node: onnx.NodeProto, kernel: tuple[int, ...], groups: int, x: np.ndar
     return patches.reshape(batch * count, groups, -1).transpose(1, 0, 2)
 
 
+_GramParts = tuple["np.ndarray", "np.ndarray | None", int]
+
+
 def _gram(rows: np.ndarray, bias_column: bool) -> np.ndarray:
     """X^T X of rows [G, P, K] in float64, with a column of ones appended to X when `bias_column`."""
+    return _assemble(_gram_parts(rows, bias_column))
+
+
+def _gram_parts(rows: np.ndarray, bias_column: bool) -> _GramParts:
+    """What X^T X of one batch is made of: X^T X in float32, X^T 1 in float64 (when `bias_column`), the row
+    count. A worker returns these (float32: half the bytes) and the driver assembles them as here."""
     import numpy as np
 
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     # Both operands contiguous: numpy's matmul then calls BLAS (a transposed view takes its slow loop). Float32
     # products over one batch, summed in float64 across batches.
-    gram = (np.ascontiguousarray(np.swapaxes(rows, 1, 2)) @ rows).astype(np.float64)
-    if not bias_column:
+    gram = np.ascontiguousarray(np.swapaxes(rows, 1, 2)) @ rows
+    sums = rows.sum(axis=1, dtype=np.float64) if bias_column else None  # X^T 1
+    return gram, sums, rows.shape[1]
+
+
+def _assemble(parts: _GramParts) -> np.ndarray:
+    import numpy as np
+
+    gram32, sums, count = parts
+    gram = gram32.astype(np.float64)
+    if sums is None:
         return gram
-    groups, count, columns = rows.shape
-    sums = rows.sum(axis=1, dtype=np.float64)  # X^T 1
+    groups, columns = sums.shape
     full = np.empty((groups, columns + 1, columns + 1))
     full[:, :columns, :columns] = gram
     full[:, :columns, columns] = sums
@@ -230,6 +248,7 @@ def adaptive_round(
     positions: int = 256,
     blocks: int = 4,
     damp: float = 0.01,
+    execution: Execution | None = None,
 ) -> tuple[ModelArtifact, RoundReport]:
     """Adaptive rounding of every int8 weight of a Q/DQ model. Returns (new artefact, report).
 
@@ -238,11 +257,16 @@ def adaptive_round(
     limit: samples used; positions: output positions sampled per sample and layer; blocks: layer groups
       solved in sequence (more: upstream errors better compensated, one model run over the data each);
     damp: H's diagonal damping, relative to its mean (numerical safety when inputs are nearly dependent).
+    execution: accumulate the Gram matrices on an engine's workers (`trtkit.engine.Execution`): each worker
+      runs a contiguous range of the batches and returns each batch's X^T X (float32, as computed here),
+      and they are summed here in batch order: the result is the in-process one, byte for byte. The
+      rounding samples (`limit`, 64 by default) travel with the model, once per block, in the engine's
+      object store. A model with external data (over 2 GB) is rounded in this process.
     """
     import numpy as np
 
     from trtkit.data import batch_len, load_data
-    from trtkit.runtime import session
+    from trtkit.engine import split
     from trtkit.ui import track
 
     for name, value, low in (("limit", limit or 1, 1), ("batch_size", batch_size, 1),
@@ -267,23 +291,78 @@ def adaptive_round(
     index = GraphIndex(result.model.graph)
     layers = _find_layers(result, ref, report)
     parts = [part for part in np.array_split(np.arange(len(layers)), blocks) if len(part)]
+    on_workers = execution is not None and not execution.in_process and not result.has_external_data()
     for block in track(parts, description="adaptive rounding"):
         todo = [layers[i] for i in block]
-        inputs = sorted({layer.node.input[0] for layer in todo})
-        sess = session(result, extra_outputs=inputs)
+        specs = tuple(_LayerSpec(layer.node.output[0], layer.kernel, layer.weight.shape[0], layer.has_bias_slot)
+                      for layer in todo)
+        if on_workers:
+            assert execution is not None
+            shards = [_GramJob(specs, start, stop, positions, label)
+                      for start, stop in split(len(batches), execution.slots())]
+            per_batch = [grams for shard in execution.map(_shard_grams, (result.model.SerializeToString(), batches),
+                                                          shards) for grams in shard]
+        else:
+            per_batch = _batch_grams(result, batches, _GramJob(specs, 0, len(batches), positions, label))
         grams: list[Any] = [0.0] * len(todo)
-        for number, feeds in enumerate(batches):
-            try:
-                values = dict(zip(inputs, sess.run(inputs, feeds), strict=True))
-            except Exception as exc:
-                raise DataError(f"{label}: onnxruntime failed on the data: {first_line(exc)}") from None
-            for k, layer in enumerate(todo):
-                rows = _rows(layer.node, layer.kernel, layer.weight.shape[0], values[layer.node.input[0]],
-                             positions, number)
-                grams[k] = grams[k] + _gram(rows, layer.has_bias_slot)
+        for batch in per_batch:  # batch order, as one pass sums them: the same float64 sums, bit for bit
+            for k, gram_parts in enumerate(batch):
+                grams[k] = grams[k] + _assemble(gram_parts)
         for layer, gram in zip(todo, grams, strict=True):
             _round_layer(result, index, layer, gram, damp, report)
     return result, report
+
+
+@dataclass(frozen=True)
+class _LayerSpec:
+    """A layer as the Gram accumulation needs it (small: it travels to workers with each shard)."""
+
+    output: str               # the node's first output (names it in the model)
+    kernel: tuple[int, ...]
+    groups: int
+    bias_column: bool
+
+
+@dataclass(frozen=True)
+class _GramJob:
+    """Batches [start, stop) of the rounding data (numbered as in one pass: the position sampling's seeds)."""
+
+    layers: tuple[_LayerSpec, ...]
+    start: int
+    stop: int
+    positions: int
+    label: str
+
+
+def _batch_grams(model: ModelArtifact, batches: list[dict[str, np.ndarray]], job: _GramJob,
+                 threads: int | None = None) -> list[list[_GramParts]]:
+    """For each batch of job's range, in order: each layer's Gram parts of its input in `model`."""
+    from trtkit.runtime import session
+
+    nodes = {node.output[0]: node for node in model.model.graph.node}
+    picked = [(nodes[spec.output], spec) for spec in job.layers]
+    inputs = sorted({node.input[0] for node, _ in picked})
+    sess = session(model, threads=threads, extra_outputs=inputs)
+    out = []
+    for number in range(job.start, job.stop):
+        try:
+            values = dict(zip(inputs, sess.run(inputs, batches[number]), strict=True))
+        except Exception as exc:
+            raise DataError(f"{job.label}: onnxruntime failed on the data: {first_line(exc)}") from None
+        out.append([_gram_parts(_rows(node, spec.kernel, spec.groups, values[node.input[0]], job.positions, number),
+                                spec.bias_column) for node, spec in picked])
+    return out
+
+
+def _shard_grams(shared: tuple[bytes, list[dict[str, np.ndarray]]], job: _GramJob) -> list[list[_GramParts]]:
+    """On a worker: the Gram parts of the batches [job.start, job.stop) (one onnxruntime thread: the engine
+    gives each call one CPU). `shared`: the model as rounded so far and the rounding batches."""
+    import onnx
+
+    from trtkit.model import ModelArtifact
+
+    model_bytes, batches = shared
+    return _batch_grams(ModelArtifact.from_model(onnx.load_from_string(model_bytes)), batches, job, threads=1)
 
 
 def _round_layer(result: ModelArtifact, index: GraphIndex, layer: _Layer, gram: np.ndarray, damp: float,

@@ -18,7 +18,8 @@ from trtkit.stages import Builder, Option
 def _build(model: Any, output: Any, scales: str | None = None, exclude: list[str] | None = None,
            exclude_op_types: list[str] | None = None, per_channel: bool = True, reduce_range: bool = False,
            concat_max_ratio: float = 32.0, data: str | None = None, adaptive_round: bool = True,
-           target: str | None = None, task_metrics: list[Any] | None = None, max_float: int | None = None) -> Path:
+           target: str | None = None, task_metrics: list[Any] | None = None, max_float: int | None = None,
+           workers: int | None = None, address: str | None = None, engine: str | None = None) -> Path:
     from trtkit.errors import OptionError
 
     from .insert import quantize
@@ -32,11 +33,16 @@ def _build(model: Any, output: Any, scales: str | None = None, exclude: list[str
             raise OptionError("builder 'qdq' option 'target' needs option 'data'")
         quantize(model, scales, output=output, exclude=exclude or (), **options)
         return Path(output)
+    from trtkit.engine import Execution
+
     from .target import quantize_checked
 
+    execution = Execution.create(engine=engine, workers=workers, address=address,
+                                 where="builder 'qdq' option 'workers'")
     artifact, report = quantize_checked(model, scales, data, target=target, task_metrics=task_metrics or (),
                                         exclude=exclude or (), adaptive_round=adaptive_round, max_float=max_float,
-                                        quantize_options=options)
+                                        quantize_options=options,
+                                        execution=None if execution.in_process else execution)
     artifact.save(output)
     if report.met is False:  # like a failed gate: the closest model is written, the run says it failed
         from trtkit.errors import GateError
@@ -69,6 +75,9 @@ def register_builders(register: Any) -> None:
             "target": Option("str", None, "with data: accuracy to reach, e.g. 'sqnr>=20' (float fallback)"),
             "task_metrics": Option("list", [], "task metric specs the target may name (see `trtkit eval`)"),
             "max_float": Option("int", None, "with a target: at most this many layers in float"),
+            "workers": Option("int", None, "with data: adaptive rounding's statistics on this many engine workers"),
+            "address": Option("str", None, "with data: the engine's cluster (a Ray address)"),
+            "engine": Option("str", None, "with data: the execution engine (default: the default one, Ray)"),
         },
         build=_build,
         scale_tensors=_scale_tensors,

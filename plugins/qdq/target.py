@@ -236,6 +236,7 @@ def quantize_checked(
     max_float: int | None = None,
     quantize_options: Mapping[str, Any] | None = None,
     choose_ranges: bool = True,
+    execution: Any = None,
 ) -> tuple[ModelArtifact, TargetReport]:
     """Quantize `model` with `scales`, refine with adaptive rounding on `data`, and (with `target`) keep the
     fewest layers in float until the target holds on held-out data. Returns (QDQ artefact, report).
@@ -276,7 +277,7 @@ def quantize_checked(
         plain = measure(metric, reference, _run(base, check), metrics)
         if not adaptive_round:
             return base, plain
-        rounded, rounding = round_weights(base, source, fit)
+        rounded, rounding = round_weights(base, source, fit, execution=execution)  # execution: the Gram sums
         refined = measure(metric, reference, _run(rounded, check), metrics)
         keep = metric.better(refined, plain)
         report.decisions.append(Decision(
