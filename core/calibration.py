@@ -494,12 +494,15 @@ def _statistics(artifact: Any, source: DataSource, stats: dict[str, TensorStats]
 
 
 def _observe(artifact: Any, source: DataSource, names: list[str], threads: int, progress: bool, histograms: bool,
-             histogram_positions: int | None, shard: bool = False) -> tuple[dict[str, TensorStats], DataFingerprint]:
+             histogram_positions: int | None, shard: bool = False, overlap: bool = True,
+             ) -> tuple[dict[str, TensorStats], DataFingerprint]:
     """The pass itself: statistics of `names` over `source` (not yet checked for emptiness or NaN).
 
     shard: `source` is a shard starting after sample 0 (`DataShard`): runs are then cut as the whole pass cuts
     them (the first run of one sample, which sizes the runs, is made and its statistics dropped), so every
     sample runs in the same company as in one pass and onnxruntime returns the same values for it.
+    overlap: reduce one run while onnxruntime computes the next (a second thread); False: one after the
+    other in this thread (an engine's task of one CPU uses one CPU). The statistics are the same.
     """
     from .data import DataFingerprint, batch_len
     from .runtime import session
@@ -540,7 +543,8 @@ def _observe(artifact: Any, source: DataSource, names: list[str], threads: int, 
                 if start == total and size < total:  # the batch's last run reads a copy: the batch can be freed
                     part = {name: value.copy() for name, value in part.items()}  # before the next one is read
                 # the first run may fail by design (see below): onnxruntime must not log it as an error
-                future = pool.submit(sess.run, fetch, part, quiet if per_run is None else None) if fetch else _done([])
+                run = (pool.submit if overlap else _now)
+                future = run(sess.run, fetch, part, quiet if per_run is None else None) if fetch else _done([])
                 if pending is not None:
                     reduce(*_result(pending))
                 pending = (part, future)
@@ -574,7 +578,8 @@ class _ShardJob:
 
 
 def _collect_shard(model: bytes | str, job: _ShardJob) -> dict[str, TensorStats]:
-    """On a worker: the statistics of one shard (one onnxruntime thread: the engine gives each call one CPU).
+    """On a worker: the statistics of one shard (one onnxruntime thread, and each run reduced in the same thread
+    before the next: the engine gives each call one CPU, and a second busy thread would take another's).
     Errors name the shard's file and sample range."""
     from .errors import TrtkitError
     from .model import ModelArtifact, as_artifact
@@ -588,7 +593,7 @@ def _collect_shard(model: bytes | str, job: _ShardJob) -> dict[str, TensorStats]
             artifact = as_artifact(model)
         source = job.shard.load(artifact.model)
         stats, _ = _observe(artifact, source, list(job.names), 1, False, job.histograms, job.histogram_positions,
-                            shard=job.shard.start > 0)
+                            shard=job.shard.start > 0, overlap=False)
     except TrtkitError as exc:
         message, path = first_line(exc), job.shard.path
         where = f"{job.shard}{message[len(path):]}" if message.startswith(f"{path}:") else f"{job.shard}: {message}"
@@ -680,6 +685,18 @@ def _done(value: Any) -> Any:
 
     future: Future[Any] = Future()
     future.set_result(value)
+    return future
+
+
+def _now(function: Any, *args: Any) -> Any:
+    """function(*args) run here, as a finished Future (its exception raised by .result(), as a pool's)."""
+    from concurrent.futures import Future
+
+    future: Future[Any] = Future()
+    try:
+        future.set_result(function(*args))
+    except Exception as exc:
+        future.set_exception(exc)
     return future
 
 
