@@ -19,6 +19,7 @@ the number of samples: rows are `positions` sampled output positions per sample 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -300,8 +301,10 @@ def adaptive_round(
             assert execution is not None
             shards = [_GramJob(specs, start, stop, positions, label)
                       for start, stop in split(len(batches), execution.slots())]
-            per_batch = [grams for shard in execution.map(_shard_grams, (result.model.SerializeToString(), batches),
-                                                          shards) for grams in shard]
+            # the driver holds every batch's parts of the block at once: a few of them (`limit` samples)
+            per_batch: Iterable[list[_GramParts]] = [
+                grams for shard in execution.map(_shard_grams, (result.model.SerializeToString(), batches), shards)
+                for grams in shard]
         else:
             per_batch = _batch_grams(result, batches, _GramJob(specs, 0, len(batches), positions, label))
         grams: list[Any] = [0.0] * len(todo)
@@ -335,23 +338,22 @@ class _GramJob:
 
 
 def _batch_grams(model: ModelArtifact, batches: list[dict[str, np.ndarray]], job: _GramJob,
-                 threads: int | None = None) -> list[list[_GramParts]]:
-    """For each batch of job's range, in order: each layer's Gram parts of its input in `model`."""
+                 threads: int | None = None) -> Iterator[list[_GramParts]]:
+    """For each batch of job's range, in order: each layer's Gram parts of its input in `model` (one batch's
+    at a time: in-process, each is added to the sums before the next batch runs)."""
     from trtkit.runtime import session
 
     nodes = {node.output[0]: node for node in model.model.graph.node}
     picked = [(nodes[spec.output], spec) for spec in job.layers]
     inputs = sorted({node.input[0] for node, _ in picked})
     sess = session(model, threads=threads, extra_outputs=inputs)
-    out = []
     for number in range(job.start, job.stop):
         try:
             values = dict(zip(inputs, sess.run(inputs, batches[number]), strict=True))
         except Exception as exc:
             raise DataError(f"{job.label}: onnxruntime failed on the data: {first_line(exc)}") from None
-        out.append([_gram_parts(_rows(node, spec.kernel, spec.groups, values[node.input[0]], job.positions, number),
-                                spec.bias_column) for node, spec in picked])
-    return out
+        yield [_gram_parts(_rows(node, spec.kernel, spec.groups, values[node.input[0]], job.positions, number),
+                           spec.bias_column) for node, spec in picked]
 
 
 def _shard_grams(shared: tuple[bytes, list[dict[str, np.ndarray]]], job: _GramJob) -> list[list[_GramParts]]:
@@ -362,7 +364,7 @@ def _shard_grams(shared: tuple[bytes, list[dict[str, np.ndarray]]], job: _GramJo
     from trtkit.model import ModelArtifact
 
     model_bytes, batches = shared
-    return _batch_grams(ModelArtifact.from_model(onnx.load_from_string(model_bytes)), batches, job, threads=1)
+    return list(_batch_grams(ModelArtifact.from_model(onnx.load_from_string(model_bytes)), batches, job, threads=1))
 
 
 def _round_layer(result: ModelArtifact, index: GraphIndex, layer: _Layer, gram: np.ndarray, damp: float,
