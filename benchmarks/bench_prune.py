@@ -36,12 +36,24 @@ SIZE = 240
 # One setting for every distilled row (no per-model tuning): steps fixed, so more data = same compute.
 STEPS = int(os.environ.get("BENCH_PRUNE_STEPS", 600))  # a smaller number for a quick check of the script
 BATCH = 64
-DISTILL = {"lr": 5e-4, "temperature": 1.0, "kl": 1.0, "augment": True, "schedule": "cosine"}
+# After reconstruction the pruned network is already close: the QAT learning rate (Adam moves every weight by
+# about lr per step whatever its gradient: large steps undo the fit) and BatchNorm frozen (its
+# statistics describe the dense network's activations, which reconstruction matched; re-estimating them on
+# the crops of 8 photos fits those photos).
+DISTILL = {"lr": 1e-5, "temperature": 1.0, "kl": 1.0, "augment": True, "schedule": "cosine", "freeze_bn": True}
+# the previous session's setting (from a plain prune: large steps, BatchNorm re-estimated)
+DISTILL_OLD = {"lr": 5e-4, "temperature": 1.0, "kl": 1.0, "augment": True, "schedule": "cosine",
+               "freeze_bn": False}
 QAT_EPOCHS, QAT_LR = int(os.environ.get("BENCH_PRUNE_QAT_EPOCHS", 20)), 1e-5
-RATIOS = (0.2, 0.3, 0.5)
+TARGETS = tuple(float(t) for t in os.environ.get("BENCH_PRUNE_TARGETS", "0.9,0.8,0.7").split(","))
+# how each target is pruned: no data; removed channels' means folded into the consumers' biases; and the
+# consumers refitted by least squares (also with residual streams and Concat branches left alone: recon-kc)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {"compensate": False}, "comp": {"compensate": True}, "recon": {"reconstruct": True},
+    "recon-kc": {"reconstruct": True, "keep_coupled": True}}
 # calibration crops used by distillation (624: every crop of the 8 photos)
-CURVE = tuple(int(n) for n in os.environ.get("BENCH_PRUNE_CURVE", "64,256,624").split(","))
-EXTRAS = os.environ.get("BENCH_PRUNE_EXTRAS", "1") == "1"  # the T = 4 row and QAT vs QAD on the dense network
+CURVE = tuple(int(n) for n in os.environ.get("BENCH_PRUNE_CURVE", "256,624").split(","))
+EXTRAS = os.environ.get("BENCH_PRUNE_EXTRAS", "0") == "1"  # 2:4 and QAT vs QAD (measured in an earlier run)
 
 
 # ---- shared -----------------------------------------------------------------------------------------------
@@ -53,20 +65,21 @@ def effnet(weights: Path, code: Path) -> Any:
 
 
 def prune_config(name: str) -> dict[str, Any]:
-    """The pruning of a row, by name: r20/r30/r50 (that fraction of every layer's channels) or t70 (until
-    the MACs are at most 70 % of the original, same fraction everywhere)."""
-    common = {"criterion": "l1", "round_to": 8}
-    if name.startswith("r"):
-        return {**common, "ratio": int(name[1:]) / 100}
-    return {**common, "target_flops": int(name[1:]) / 100}
+    """The pruning of a row, by name: t90/t80/t70 (until the MACs are at most that fraction of the
+    original, the same fraction of every layer's channels). No round_to: Torch-Pruning rounds each
+    layer's kept channels DOWN to a multiple of it, so round_to=8 took 8 of a 16-channel layer at 20 %."""
+    return {"criterion": "l1", "target_flops": int(name[1:]) / 100}
 
 
-def prune(model: Any, name: str) -> tuple[Any, dict[str, Any]]:
+def prune(model: Any, name: str, data: np.ndarray | None = None, **extra: Any) -> tuple[Any, dict[str, Any]]:
     import torch
 
     from trtkit import pruning
 
-    return pruning.prune(model, torch.zeros(1, 3, SIZE, SIZE), **prune_config(name))
+    if extra.get("compensate") is False:
+        data = None
+    return pruning.prune(model, torch.zeros(1, 3, SIZE, SIZE), data=data, batch_size=BATCH,
+                         **prune_config(name), **extra)
 
 
 def top1(model: Any, data: np.ndarray, device: Any, batch: int = 100) -> np.ndarray:
@@ -154,8 +167,9 @@ def device(out: Path) -> None:
         (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
 
     teacher = effnet(CARRY / "lite1.pth", CARRY / "site").to(where)
-    calib = {n: _zoo_data("calib", n) for n in CURVE}
-    held_out = _zoo_data("eval", 200)
+    quick = int(os.environ.get("BENCH_PRUNE_QUICK", 0))  # a quick check of the script: that many crops
+    calib = {n: _zoo_data("calib", n)[:quick or None] for n in sorted(set(CURVE) | {256})}
+    held_out = _zoo_data("eval", 200)[:quick or None]
     reference = top1(teacher, held_out, where)
     reference_calib = top1(teacher, calib[256], where)
 
@@ -174,32 +188,51 @@ def device(out: Path) -> None:
         start = time.perf_counter()
         history = kd.distill(student, teacher, data, epochs=epochs, batch_size=BATCH, device=where,
                              progress=False, **{**DISTILL, **options})
-        torch.cuda.synchronize()
+        if where.type == "cuda":
+            torch.cuda.synchronize()
         return history, time.perf_counter() - start
 
     keep = {}
 
     def keep_file(name: str, model: Any) -> None:  # fp16 halves the files (the limit on what comes back)
-        torch.save(copy.deepcopy(model).cpu().half(), out / f"{name}-kd256.fp16.pt")
-    # pruning: with and without distillation, ratios and the FLOPs target; data-size curve for the target
-    for name in [f"r{round(r * 100)}" for r in RATIOS] + ["t70"]:
-        start = time.perf_counter()
-        pruned, report = prune(copy.deepcopy(teacher).cpu(), name)
-        prune_seconds = time.perf_counter() - start
-        record(f"{name}-pruned", pruned.to(where), prune_seconds, macs_fraction=report["macs_fraction"])
-        sizes = CURVE if name == "t70" else (256,)
-        for count in sizes:
-            student = copy.deepcopy(pruned)
-            history, seconds = distilled(student, calib[count])
-            record(f"{name}-kd{count}", student, seconds, history, macs_fraction=report["macs_fraction"],
-                   images=count)
-            if count == 256:
-                keep[name] = student
-                keep_file(name, student)
-        if name == "t70" and EXTRAS:  # the temperature: T = 4 (softer targets) against the T = 1 used everywhere
-            student = copy.deepcopy(pruned)
-            history, seconds = distilled(student, calib[256], temperature=4.0)
-            record(f"{name}-kd256-T4", student, seconds, history, macs_fraction=report["macs_fraction"], images=256)
+        torch.save(copy.deepcopy(model).cpu().half(), out / f"{name}.fp16.pt")
+    # the FLOPs curve: each target pruned plain (no data), with the removed channels' means folded into
+    # their consumers (compensate), and with the consumers refitted by least squares (reconstruct); the
+    # plain and reconstructed ones then distilled (the plain one with the previous session's settings)
+    for target in TARGETS:
+        tag = f"t{round(target * 100)}"
+        for variant, extra in VARIANTS.items():
+            start = time.perf_counter()
+            pruned, report = prune(copy.deepcopy(teacher), tag, calib[256], **extra)
+            if where.type == "cuda":
+                torch.cuda.synchronize()
+            record(f"{tag}-{variant}", pruned, time.perf_counter() - start, macs_fraction=report["macs_fraction"],
+                   reconstructed=len(report["reconstructed"]))
+            if variant == "plain":
+                keep_file(f"{tag}-plain", pruned)
+                for label, options in (("kd-old", DISTILL_OLD), ("kd", DISTILL))[:2 if tag == "t70" else 0]:
+                    student = copy.deepcopy(pruned)
+                    history, seconds = distilled(student, calib[256], **options)
+                    record(f"{tag}-plain-{label}", student, seconds, history, images=256)
+                    if label == "kd":
+                        keep_file(f"{tag}-plain-kd", student)
+            if variant in ("recon", "recon-kc"):
+                keep_file(f"{tag}-{variant}", pruned)
+                sizes = CURVE if tag == "t70" and variant == "recon" else (256,)
+                for size in sizes:
+                    student = copy.deepcopy(pruned)
+                    history, seconds = distilled(student, calib[size])
+                    record(f"{tag}-{variant}-kd{size}", student, seconds, history, images=size)
+                    if size == 256:
+                        keep_file(f"{tag}-{variant}-kd", student)
+                    if size == 256 and tag == "t70" and variant == "recon":
+                        keep["t70"] = student
+                        student = copy.deepcopy(pruned)  # the same with 10x the learning rate
+                        history, seconds = distilled(student, calib[size], lr=1e-4)
+                        record(f"{tag}-{variant}-kd{size}-lr1e-4", student, seconds, history, images=size)
+    save()
+    if not EXTRAS:
+        return
     # 2:4 on the dense network, then distillation with the masks kept
     sparse = copy.deepcopy(teacher)
     rows = apply_torch(sparse, precision="int8")
@@ -323,22 +356,22 @@ def finish(results_dir: Path, work: Path) -> dict[str, Any]:
         return row
 
     dense = measure("dense FP32", teacher, entry.onnx_path)
-    for name in [f"r{round(r * 100)}" for r in RATIOS] + ["t70"]:
-        start = time.perf_counter()
-        pruned, _ = prune(teacher, name)
-        measure(f"{name} pruned", pruned, prune_seconds=round(time.perf_counter() - start, 1))
-        path = results_dir / f"{name}-kd256.fp16.pt"
-        if path.exists():
-            student = torch.load(path, weights_only=False).float().eval()
-            info = device_results["rows"].get(f"{name}-kd256", {})
-            measure(f"{name} pruned + distilled", student, distill_seconds=info.get("seconds"))
+    for target in TARGETS:
+        tag = f"t{round(target * 100)}"
+        for variant in ("plain", "plain-kd", "recon", "recon-kd", "recon-kc", "recon-kc-kd"):
+            path = results_dir / f"{tag}-{variant}.fp16.pt"
+            if path.exists():
+                model = torch.load(path, weights_only=False).float().eval()
+                rows_there = device_results["rows"]
+                info = rows_there.get(f"{tag}-{variant}256", rows_there.get(f"{tag}-{variant}", {}))
+                measure(f"{tag} {variant}", model, device_seconds=info.get("seconds"))
     sparse_path = results_dir / "s24-kd256.fp16.pt"
     if sparse_path.exists():
         sparse = torch.load(sparse_path, weights_only=False).float().eval()
         measure("2:4 masked + distilled", sparse, distill_seconds=device_results["rows"]["s24-kd256"]["seconds"])
-    t70 = work / "t70 pruned + distilled.onnx"
+    t70 = work / "t70 recon-kd.onnx"
     if t70.exists():
-        measure("t70 pruned + distilled + INT8 (PTQ)", None, int8(t70, entry.calib_data, work))
+        measure("t70 recon-kd + INT8 (PTQ)", None, int8(t70, entry.calib_data, work))
         measure("dense + INT8 (PTQ)", None, int8(entry.onnx_path, entry.calib_data, work))
     qad = results_dir / "t70-qad.qdq.onnx"
     if qad.exists():
