@@ -216,7 +216,7 @@ def device(out: Path) -> None:
                     record(f"{tag}-plain-{label}", student, seconds, history, images=256)
                     if label == "kd":
                         keep_file(f"{tag}-plain-kd", student)
-            if variant in ("recon", "recon-kc"):
+            if variant == "recon" or (variant == "recon-kc" and tag == "t70"):
                 keep_file(f"{tag}-{variant}", pruned)
                 sizes = CURVE if tag == "t70" and variant == "recon" else (256,)
                 for size in sizes:

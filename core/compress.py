@@ -27,7 +27,8 @@ from .errors import OptionError
 
 # recipe [prune] key -> trtkit.pruning.prune keyword
 PRUNE_KEYS = {"criterion": "criterion", "ratio": "ratio", "ratios": "ratios", "global": "global_ranking",
-              "target_flops": "target_flops", "ignore": "ignore", "round_to": "round_to", "options": "options"}
+              "target_flops": "target_flops", "ignore": "ignore", "round_to": "round_to", "options": "options",
+              "reconstruct": "reconstruct", "keep_coupled": "keep_coupled"}
 
 
 def example_shape(options: Mapping[str, Any], where: str) -> list[int]:

@@ -39,6 +39,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "target_flops": (float, "prune until the MACs are at most this fraction of the original, e.g. 0.7"),
         "ignore": (list, "layer names whose output channels are kept"),
         "round_to": (int, "keep channel counts multiples of this (8 suits TensorRT)"),
+        "reconstruct": (bool, "refit the layers that lost inputs to the unpruned network's outputs (least squares)"),
+        "keep_coupled": (bool, "leave residual streams and Concat branches alone"),
         "options": (dict, "the criterion's options"),
         "data": (Path, "samples .npy for data-driven criteria (default: the calibration data)"),
     },

@@ -178,6 +178,17 @@ def test_cli_prunes_exports_and_reports(model_file, tmp_path):
     assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim][1:] == [10]
 
 
+def test_cli_reconstructs_and_keeps_residual_streams(model_file, tmp_path):
+    data = tmp_path / "calib.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32))
+    result = run_cli("prune", f"{model_file}:net", "-i", "1x3x16x16", "-o", str(tmp_path / "small.onnx"),
+                     "--ratio", "0.5", "-d", str(data), "--reconstruct", "--keep-coupled", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["keep_coupled"] and report["compensated"] > 0 and report["reconstructed"]
+    assert "stem" not in report["narrowed"] and "b1.pw" not in report["narrowed"]  # tied by b1's Add
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--ratio", "1.2"], "ratio must be in (0, 1), got 1.2"),
     (["--ratio", "0"], "ratio must be in (0, 1), got 0.0"),
@@ -185,6 +196,7 @@ def test_cli_prunes_exports_and_reports(model_file, tmp_path):
     (["--ratio", "0.3", "--ignore", "b1.pww"], "unknown layer 'b1.pww'"),
     (["--layer-ratio", "nope=0.5"], "unknown layer 'nope'"),
     (["--ratio", "0.3", "--criterion", "taylor"], "needs data"),
+    (["--ratio", "0.3", "--reconstruct"], "reconstruct needs data"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_and_nothing_written(model_file, tmp_path, args, message):
     out = tmp_path / "small.onnx"

@@ -51,8 +51,13 @@ def prune_command(
                                                      "(repeatable).")] = None,
     round_to: Annotated[int | None, typer.Option("--round-to", help="Keep channel counts multiples of this "
                                                  "(8 suits TensorRT).")] = None,
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="Calibration samples .npy (for data-driven "
-                                              "criteria such as taylor).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Calibration samples .npy: data-driven "
+                                              "criteria (taylor) rank with them and the removed channels' means "
+                                              "are folded into the next layers' biases.")] = None,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct", help="Refit the layers that lost inputs to the "
+                                              "unpruned network's outputs on --data (least squares).")] = False,
+    keep_coupled: Annotated[bool, typer.Option("--keep-coupled", help="Leave residual streams and Concat "
+                                               "branches alone.")] = False,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="State dict to load first.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Criterion option KEY=VALUE "
                                                      "(repeatable).")] = None,
@@ -83,7 +88,8 @@ def prune_command(
         pruned, report = pruning.prune(
             module.eval(), torch.zeros(shape), criterion=criterion, ratio=ratio, ratios=ratios,
             global_ranking=global_ranking, target_flops=target_flops, ignore=list(ignore or []),
-            round_to=round_to, data=samples, options=parse_options(option))
+            round_to=round_to, data=samples, options=parse_options(option), reconstruct=reconstruct,
+            keep_coupled=keep_coupled)
     with console.status(f"exporting {output}", spinner="dots"):
         export(pruned, output, input_shapes=[shape], dynamic_batch=True)
     if save_torch is not None:
