@@ -126,7 +126,8 @@ def steps_for(recipe: Recipe) -> list[Step]:
                           files=[Path(data)] + ([Path(overrides)] if overrides else []),
                           action=functools.partial(_calibrate, settings, execution)))
         qconfig = {key: quantize.get(key) for key in ("exclude", "exclude_op_types", "per_channel", "reduce_range",
-                                                      "adaptive_round", "target", "task_metrics", "max_float")}
+                                                      "adaptive_round", "recenter", "target", "task_metrics",
+                                                      "max_float")}
         qconfig["data"] = data  # the scales builder refines and checks on it when it can (it declares 'data')
         steps.append(Step("quantize", qconfig, needs=["optimize", "calibrate"], files=[Path(data)],
                           action=functools.partial(_quantize, execution=recipe.section("execution"))))

@@ -142,7 +142,8 @@ def test_cli_quantize_with_data_rounds_and_reports(setup, tmp_path):
     checked = json.loads(result.stdout)["checked"]
     assert checked["target"] is None and checked["check_samples"] == 12 and checked["round_samples"] == 36
     actions = [d["action"] for d in checked["decisions"]]
-    assert "adaptive-round" in actions and set(actions) <= {"range-search", "range", "adaptive-round"}
+    assert "adaptive-round" in actions and set(actions) <= {"range-blend", "range-search", "range", "adaptive-round",
+                                                            "recenter"}
     for decision in checked["decisions"]:
         if decision["action"] == "range":  # kept only where the held-out metric improved
             assert decision["after"] > decision["before"]
@@ -260,9 +261,10 @@ def test_qdq_builder_with_an_unmet_target_writes_the_model_and_fails_like_a_gate
 
 
 def test_range_choice_keeps_the_full_range_only_where_it_measures_better(tmp_path):
-    """A tensor clipped by the calibrator is tried unclipped; the decision is kept only with a better metric,
-    and the chosen amax is the observed max |x| the scales recorded."""
-    from trtkit.plugins.qdq.target import quantize_checked
+    """Tensors clipped by the calibrator are moved toward their full observed range, first all together by one
+    exponent (range-blend), then one at a time (range); each decision is kept only with a better metric, and
+    a tensor given its full range gets the observed max |x| the scales recorded."""
+    from trtkit.plugins.qdq.target import BLEND_STEPS, quantize_checked
     from trtkit.scales import Scales, as_scales
 
     model = outlier_model(tmp_path / "model.onnx")
@@ -271,15 +273,23 @@ def test_range_choice_keeps_the_full_range_only_where_it_measures_better(tmp_pat
     # A range clipped far too tight on the input (as a calibrator can do on a tensor whose extremes matter).
     amax = {**dict(calibrated.items()), "x": 0.1}
     scales = Scales(amax, method=calibrated.method, stats=calibrated.stats)
-    result, report = quantize_checked(model, scales, calib, adaptive_round=False)
-    ranges = [d for d in report.decisions if d.action == "range"]
-    assert "x" in [d.what for d in ranges] and all(d.after > d.before for d in ranges)
+    result, report = quantize_checked(model, scales, calib, adaptive_round=False, recenter=False)
+    blend = [d for d in report.decisions if d.action == "range-blend"]
+    assert len(blend) == 1 and blend[0].after > blend[0].before  # clipping x at 0.1 is bad: some step is better
+    step = float(blend[0].what.split("=")[1])
+    assert step in BLEND_STEPS
+    full_x = max(abs(calibrated.stats["x"]["min"]), abs(calibrated.stats["x"]["max"]))
     chosen = result.metadata["quantization"]["activation_amax"]
+    ranges = [d for d in report.decisions if d.action == "range"]
+    assert all(d.after > d.before for d in ranges)
+    expected_x = full_x if "x" in [d.what for d in ranges] else 0.1 ** (1 - step) * full_x ** step
+    assert chosen["x"] == pytest.approx(expected_x, rel=1e-5)
     for decision in ranges:
         stats = calibrated.stats[decision.what]
         assert chosen[decision.what] == pytest.approx(max(abs(stats["min"]), abs(stats["max"])))
-    _, plain = quantize_checked(model, scales, calib, adaptive_round=False, choose_ranges=False)
+    _, plain = quantize_checked(model, scales, calib, adaptive_round=False, choose_ranges=False, recenter=False)
     assert report.measured > plain.measured
+    assert not [d for d in plain.decisions if d.action.startswith("range")]
 
 
 def test_without_a_target_a_task_metric_is_what_the_decisions_are_judged_by(setup):

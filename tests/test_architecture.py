@@ -141,6 +141,8 @@ NOT_PLUGIN_REFERENCES = {
     ("pipeline.py", "report"): "the recipe's [report] section and the step output key, not the report evaluator",
     ("recipe.py", "optimize"): "the recipe schema's [optimize] section, not the pass",
     ("recipe.py", "report"): "the recipe schema's [report] section, not the report evaluator",
+    ("pipeline.py", "recenter"): "the [quantize] key passed to the scales builder as its option, not the pass",
+    ("recipe.py", "recenter"): "the recipe schema's [quantize] recenter key (a builder option), not the pass",
 }
 
 

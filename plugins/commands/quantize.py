@@ -43,6 +43,7 @@ def quantize_command(
     target: Annotated[str | None, typer.Option("--target", help="Accuracy to reach on held-out --data, e.g. 'sqnr>=20', 'agreement>=0.95', 'positive_iou>=0.9' (with --task-metric); the fewest layers stay in float.")] = None,
     task_metric: TaskMetricFlag = None,
     adaptive_round: Annotated[bool, typer.Option("--adaptive-round/--nearest-round", help="With --data: choose int8 weights against each layer's output (kept only when it measures better).")] = True,
+    recenter: Annotated[bool, typer.Option("--recenter/--no-recenter", help="With --data: shift ReLU/ReLU6 outputs onto [-amax/2, amax/2], half the int8 step (kept only when it measures better).")] = True,
     max_float: Annotated[int | None, typer.Option("--max-float", help="With --target: at most this many layers in float (default: a quarter of them).")] = None,
     workers: WorkersFlag = None,
     ray_address: RayAddressFlag = None,
@@ -85,7 +86,7 @@ def quantize_command(
 
         artifact, checked = quantize_checked(model, source, data, target=target, task_metrics=task_metric or (),
                                              exclude=exclude or (), adaptive_round=adaptive_round,
-                                             max_float=max_float, quantize_options=options,
+                                             recenter=recenter, max_float=max_float, quantize_options=options,
                                              execution=None if run_on.in_process else run_on)
         artifact.save(output)
     info = artifact.metadata["quantization"]

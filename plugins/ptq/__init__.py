@@ -1,11 +1,13 @@
-"""Built-in passes beyond plain PTQ: `equalize`, `bias-correct`, `adaptive-round`, `qdq-tune`.
+"""Built-in passes beyond plain PTQ: `equalize`, `bias-correct`, `adaptive-round`, `qdq-tune`, `recenter`.
 
     trtkit optimize model.onnx -o model.eq.onnx --pass equalize
     trtkit optimize model.int8.onnx -o model.bc.onnx --pass bias-correct \
         -O reference=model.eq.onnx -O data=calib.npz
     trtkit optimize model.int8.onnx -o model.tuned.onnx --pass qdq-tune
+    trtkit optimize model.int8.onnx -o model.rc.onnx --pass recenter
 
-One pass per module: `equalize.py`, `bias_correct.py`, `qdq_tune.py` (`common.py` holds what they share).
+One pass per module: `equalize.py`, `bias_correct.py`, `adaptive_round.py`, `qdq_tune.py`, `recenter.py`
+(`common.py` holds what they share).
 This module only declares and registers them; a pass module is imported when its pass runs (this one loads
 at CLI start-up). As Python functions: `trtkit.equalize`, `trtkit.bias_correct`, `trtkit.qdq_tune`, each
 returning (new artefact, report).
@@ -87,6 +89,24 @@ def _qdq_tune(artifact: ModelArtifact, align_concat: bool = True, align_pool: bo
     return result
 
 
+def _recenter(artifact: ModelArtifact, tensors: list[str] | None = None, verify: bool = True) -> ModelArtifact:
+    """Shift ReLU/ReLU6 activations between linear layers of a Q/DQ model onto [-amax/2, amax/2] (exact)."""
+    from trtkit.ui import console
+
+    from .recenter import recenter
+
+    result, report = recenter(artifact, tensors=tensors, verify=verify)
+    result.metadata.setdefault("ptq", {})["recenter"] = report.as_dict()
+    console.print(f"recenter: {len(report.shifted)} activations shifted onto [-amax/2, amax/2] (half the int8 "
+                  f"step); {len(report.skipped)} quantized activations left (see metadata ptq.recenter)")
+    return result
+
+
+def _recenter_difference(result: ModelArtifact) -> float | None:
+    value = result.metadata.get("ptq", {}).get("recenter", {}).get("max_abs_diff")
+    return float(value) if value is not None else None
+
+
 @hookimpl
 def register_passes(register: Any) -> None:
     register(GraphPass(
@@ -144,4 +164,16 @@ def register_passes(register: Any) -> None:
         },
         apply=_qdq_tune,
         exact=False,
+    ))
+    register(GraphPass(
+        name="recenter",
+        description="Q/DQ model: one-sided ReLU/ReLU6 activations shifted onto [-amax/2, amax/2] (half the step).",
+        options={
+            "tensors": Option("list", None, "only these quantized activation tensors (default: every one whose "
+                              "chain can be shifted exactly)"),
+            "verify": Option("bool", True, "prove on a random input that the float arithmetic is unchanged"),
+        },
+        apply=_recenter,
+        exact=False,  # int8 outputs change by design (finer grid); the pass proves its float relation itself
+        measured_difference=_recenter_difference,
     ))

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from trtkit.metrics import TaskMetric
     from trtkit.model import ModelArtifact
 
+BLEND_STEPS = (0.25, 0.5, 0.75, 1.0)  # exponents tried by _blend_ranges (1: every tensor's full range)
 BUILTIN_METRICS = {"sqnr": ">=", "cosine": ">=", "agreement": ">="}  # higher is better
 _SPEC = re.compile(r"^\s*(?:(?P<output>[^:<>=]+):)?\s*(?P<metric>[a-z_0-9]+)\s*(?P<op>>=|<=)\s*(?P<value>[-+0-9.eE]+)\s*$")
 
@@ -236,6 +237,7 @@ def quantize_checked(
     max_float: int | None = None,
     quantize_options: Mapping[str, Any] | None = None,
     choose_ranges: bool = True,
+    recenter: bool = True,
     execution: Any = None,
 ) -> tuple[ModelArtifact, TargetReport]:
     """Quantize `model` with `scales`, refine with adaptive rounding on `data`, and (with `target`) keep the
@@ -244,10 +246,13 @@ def quantize_checked(
     task_metrics: task metric specs as `trtkit eval --task-metric` takes them (a target may name their metrics).
     max_float: most layers kept in float for the target (default: a quarter of the quantized layers).
     choose_ranges: per tensor, keep the calibrator's range or the full observed range, whichever measures better.
+    recenter: shift ReLU/ReLU6 activations between linear layers onto [-amax/2, amax/2] (plugins/ptq/recenter.py)
+      where that measures better.
     """
     from trtkit.metrics import parse_task_metrics
     from trtkit.model import as_artifact
     from trtkit.plugins.ptq.adaptive_round import adaptive_round as round_weights
+    from trtkit.plugins.ptq.recenter import recenter as recenter_activations
     from trtkit.runtime import output_specs
     from trtkit.ui import console, track
 
@@ -267,23 +272,38 @@ def quantize_checked(
     options = dict(quantize_options or {})
     user_exclude = list(exclude)
     if choose_ranges:
-        scales, measured = _search_ranges(source, scales, metric, reference, fit, check, metrics, user_exclude,
-                                          options, report)
+        scales, measured = _blend_ranges(source, scales, metric, reference, check, metrics, user_exclude, options,
+                                         report)
+        scales, searched = _search_ranges(source, scales, metric, reference, fit, check, metrics, user_exclude,
+                                          options, report, current=measured)
         scales = _choose_ranges(source, scales, metric, reference, check, metrics, user_exclude, options, report,
-                                measured)
+                                searched)
 
     def build(float_nodes: list[str]) -> tuple[ModelArtifact, float]:
-        base = quantize(source, scales, exclude=user_exclude + float_nodes, **options)
-        plain = measure(metric, reference, _run(base, check), metrics)
-        if not adaptive_round:
-            return base, plain
-        rounded, rounding = round_weights(base, source, fit, execution=execution)  # execution: the Gram sums
-        refined = measure(metric, reference, _run(rounded, check), metrics)
-        keep = metric.better(refined, plain)
-        report.decisions.append(Decision(
-            "adaptive-round", f"{len(rounding.layers)} layers",
-            "kept: measured better" if keep else "dropped: not better on the held-out data", plain, refined))
-        return (rounded, refined) if keep else (base, plain)
+        model = quantize(source, scales, exclude=user_exclude + float_nodes, **options)
+        value = measure(metric, reference, _run(model, check), metrics)
+        if adaptive_round:
+            rounded, rounding = round_weights(model, source, fit, execution=execution)  # execution: Gram sums
+            refined = measure(metric, reference, _run(rounded, check), metrics)
+            keep = metric.better(refined, value)
+            report.decisions.append(Decision(
+                "adaptive-round", f"{len(rounding.layers)} layers",
+                "kept: measured better" if keep else "dropped: not better on the held-out data", value, refined))
+            if keep:
+                model, value = rounded, refined
+        if recenter:  # after rounding: shifting a rounded model is exact, while rounding a shifted one would
+            # need the shift undone in each layer's float target (its bias holds s * sum of the int8 weights)
+            shifted, shifts = recenter_activations(model)
+            if shifts.shifted:
+                moved = measure(metric, reference, _run(shifted, check), metrics)
+                keep = metric.better(moved, value)
+                report.decisions.append(Decision(
+                    "recenter", f"{len(shifts.shifted)} ReLU/ReLU6 activations",
+                    ("kept" if keep else "dropped") + ": shifted onto [-amax/2, amax/2] (exact; half the step)"
+                    + ("" if keep else ", not better on the held-out data"), value, moved))
+                if keep:
+                    model, value = shifted, moved
+        return model, value
 
     result, value = build([])
     report.measured = value
@@ -357,12 +377,54 @@ def _rescaled(given: Any, amax: Mapping[str, float], changed: Iterable[str], sou
                   sources=sources, stats=given.stats)
 
 
+def _blend_ranges(source: ModelArtifact, scales: Any, metric: Target, reference: Mapping[str, np.ndarray],
+                  check: Mapping[str, np.ndarray], task_metrics: Sequence[TaskMetric], exclude: list[str],
+                  options: Mapping[str, Any], report: TargetReport) -> tuple[Any, float]:
+    """Every clipped range moved toward its tensor's full observed range by one common step,
+    amax = calibrated^(1-a) * full^a for a in BLEND_STEPS, the step measuring best on the held-out data kept
+    (none unless strictly better). How much to clip is a property of the model as much as of each tensor: a
+    detector's class scores live in the tails a percentile clips (YOLOX: positive IoU 0.73 -> 0.90 at a = 0.5),
+    a classifier's or a text map's do not; and one exponent for all tensors is a choice few held-out samples can
+    make reliably. Returns (the scales to use, their held-out metric)."""
+    from trtkit.scales import as_scales
+
+    from .insert import quantize
+
+    given = as_scales(scales)
+    calibrated = dict(given.items())
+    full = {name: max(value, calibrated[name]) for name, value in _full_ranges(given).items()}
+    current = measure(metric, reference, _run(quantize(source, given, exclude=exclude, **options), check),
+                      task_metrics)
+    if all(full[name] <= 1.01 * calibrated[name] for name in full):
+        return scales, current
+    best: tuple[float, float, dict[str, float]] | None = None  # (metric, step, ranges)
+    trials = []
+    for step in BLEND_STEPS:
+        amax = {**calibrated, **{name: calibrated[name] ** (1 - step) * full[name] ** step for name in full}}
+        value = measure(metric, reference, _run(quantize(source, amax, exclude=exclude, strict_names=False,
+                                                         **options), check), task_metrics)
+        trials.append(f"{step:g}: {value:.4g}")
+        if metric.better(value, current if best is None else best[0]):
+            best = (value, step, amax)
+    if best is None:
+        report.decisions.append(Decision("range-blend", "a = 0", "the calibrator's ranges measured best (a "
+                                         + ", ".join(trials) + ")", current, current))
+        return scales, current
+    value, step, amax = best
+    report.decisions.append(Decision("range-blend", f"a = {step:g}", "ranges calibrated^(1-a) * full^a measured "
+                                     "best (a " + ", ".join(trials) + ")", current, value))
+    changed = [name for name in full if full[name] > 1.01 * calibrated[name]]
+    return _rescaled(given, amax, changed, f"blend {step:g}"), value
+
+
 def _search_ranges(source: ModelArtifact, scales: Any, metric: Target, reference: Mapping[str, np.ndarray],
                    fit: Mapping[str, np.ndarray], check: Mapping[str, np.ndarray],
                    task_metrics: Sequence[TaskMetric], exclude: list[str], options: Mapping[str, Any],
-                   report: TargetReport, samples: int = 16) -> tuple[Any, float | None]:
+                   report: TargetReport, samples: int = 16, current: float | None = None
+                   ) -> tuple[Any, float | None]:
     """Per activation read by Conv/Gemm/MatMul, the range with the least error at those layers' outputs
     (plugins/qdq/range_search.py, on up to `samples` rounding samples); kept if the held-out metric improves.
+    `current`: the held-out metric of `scales` when already measured.
     Returns (the scales to use, their held-out metric; None when the search changed nothing to measure)."""
     from trtkit.scales import as_scales
 
@@ -375,8 +437,9 @@ def _search_ranges(source: ModelArtifact, scales: Any, metric: Target, reference
     subset = {name: array[:samples] for name, array in fit.items()}
     chosen = search_ranges(source, dict(given.items()), _full_ranges(given), readers, subset)
     if not chosen:
-        return scales, None
-    current = measure(metric, reference, _run(base, check), task_metrics)
+        return scales, current
+    if current is None:
+        current = measure(metric, reference, _run(base, check), task_metrics)
     amax = {**dict(given.items()), **chosen}
     trial = measure(metric, reference, _run(quantize(source, amax, exclude=exclude, strict_names=False, **options),
                                             check), task_metrics)
