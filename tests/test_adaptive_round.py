@@ -307,6 +307,23 @@ def test_without_a_target_a_task_metric_is_what_the_decisions_are_judged_by(setu
     assert plain.metric == "sqnr"
 
 
+def test_few_reference_positives_in_the_held_out_samples_are_reported(setup):
+    """A detection metric judged on few FP32 positives is coarse: the report says how many there were."""
+    import re
+
+    from trtkit.plugins.qdq.target import FEW_POSITIVES, quantize_checked
+
+    folder, model, calib, *_ = setup
+    _, report = quantize_checked(model, folder / "scales.json", calib, adaptive_round=False, choose_ranges=False,
+                                 recenter=False, task_metrics=["positives output=prob threshold=0.5"])
+    reference = _outputs(model, calib[np.linspace(0, len(calib) - 1, report.check_samples).round().astype(int)])
+    count = int(np.count_nonzero(reference > 0.5))
+    assert 0 < count < FEW_POSITIVES  # the seeded model's held-out outputs: a handful above 0.5
+    assert len(report.notes) == 1 and f"hold {count} FP32 positives for" in report.notes[0]
+    assert re.search(r"about [0-9.e-]+ per positive", report.notes[0])
+    assert report.as_dict()["notes"] == report.notes
+
+
 @pytest.fixture
 def process_engine():
     from process_engine import process_engine_registry
