@@ -54,6 +54,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # calibration crops used by distillation (624: every crop of the 8 photos)
 CURVE = tuple(int(n) for n in os.environ.get("BENCH_PRUNE_CURVE", "256,624").split(","))
 EXTRAS = os.environ.get("BENCH_PRUNE_EXTRAS", "0") == "1"  # 2:4 and QAT vs QAD (measured in an earlier run)
+# only these pruning variants (a comma list of VARIANTS' names; all by default)
+ONLY = set(os.environ.get("BENCH_PRUNE_VARIANTS", ",".join(VARIANTS)).split(","))
+# seconds after which no more pruning or distillation starts (0: no limit): the device call's time limit
+BUDGET = float(os.environ.get("BENCH_PRUNE_BUDGET", 0))
+# the models saved for `finish` (fp16): what comes back from the GPU machine is at most 8 files and 64 MiB, so
+# the distilled ones and one undistilled reconstruction; every row's torch agreement is in results.json anyway
+KEEP = set(os.environ.get("BENCH_PRUNE_KEEP", "t70-plain-kd,t70-recon,t70-recon-kd,t70-recon-kc-kd,t80-recon-kd,"
+                                              "t90-recon-kd").split(","))
 
 
 # ---- shared -----------------------------------------------------------------------------------------------
@@ -195,41 +203,59 @@ def device(out: Path) -> None:
     keep = {}
 
     def keep_file(name: str, model: Any) -> None:  # fp16 halves the files (the limit on what comes back)
+        if name not in KEEP and not name.startswith("s24"):
+            return
         torch.save(copy.deepcopy(model).cpu().half(), out / f"{name}.fp16.pt")
     # the FLOPs curve: each target pruned plain (no data), with the removed channels' means folded into
-    # their consumers (compensate), and with the consumers refitted by least squares (reconstruct); the
-    # plain and reconstructed ones then distilled (the plain one with the previous session's settings)
+    # their consumers (compensate), and with the consumers refitted by least squares (reconstruct); then
+    # distilled. Most telling first: each step is skipped once BUDGET seconds have passed (the call's limit)
+    began = time.perf_counter()
+
+    def over(name: str) -> bool:
+        if BUDGET and time.perf_counter() - began > BUDGET:
+            results.setdefault("skipped", []).append(name)
+            print("skipped (budget)", name, flush=True)
+            return True
+        return False
+
+    pruned_models: dict[str, Any] = {}
+
+    def distil_row(name: str, base: str, size: int, options: dict[str, Any], file: str | None) -> None:
+        if base not in pruned_models or over(name):
+            return
+        student = copy.deepcopy(pruned_models[base])
+        history, seconds = distilled(student, calib[size], **options)
+        record(name, student, seconds, history, images=size)
+        if file:
+            keep_file(file, student)
+        if name == "t70-recon-kd256":
+            keep["t70"] = student
+
+    # each target: its prunes, then its reconstructed prune distilled (at t70 also the keep_coupled one);
+    # then the plain t70 prune distilled with the previous session's settings and with this one's, the
+    # data-size curve and 10x the learning rate
     for target in TARGETS:
         tag = f"t{round(target * 100)}"
         for variant, extra in VARIANTS.items():
+            if variant not in ONLY or over(f"{tag}-{variant}"):
+                continue
             start = time.perf_counter()
             pruned, report = prune(copy.deepcopy(teacher), tag, calib[256], **extra)
             if where.type == "cuda":
                 torch.cuda.synchronize()
             record(f"{tag}-{variant}", pruned, time.perf_counter() - start, macs_fraction=report["macs_fraction"],
                    reconstructed=len(report["reconstructed"]))
-            if variant == "plain":
-                keep_file(f"{tag}-plain", pruned)
-                for label, options in (("kd-old", DISTILL_OLD), ("kd", DISTILL))[:2 if tag == "t70" else 0]:
-                    student = copy.deepcopy(pruned)
-                    history, seconds = distilled(student, calib[256], **options)
-                    record(f"{tag}-plain-{label}", student, seconds, history, images=256)
-                    if label == "kd":
-                        keep_file(f"{tag}-plain-kd", student)
-            if variant == "recon" or (variant == "recon-kc" and tag == "t70"):
-                keep_file(f"{tag}-{variant}", pruned)
-                sizes = CURVE if tag == "t70" and variant == "recon" else (256,)
-                for size in sizes:
-                    student = copy.deepcopy(pruned)
-                    history, seconds = distilled(student, calib[size])
-                    record(f"{tag}-{variant}-kd{size}", student, seconds, history, images=size)
-                    if size == 256:
-                        keep_file(f"{tag}-{variant}-kd", student)
-                    if size == 256 and tag == "t70" and variant == "recon":
-                        keep["t70"] = student
-                        student = copy.deepcopy(pruned)  # the same with 10x the learning rate
-                        history, seconds = distilled(student, calib[size], lr=1e-4)
-                        record(f"{tag}-{variant}-kd{size}-lr1e-4", student, seconds, history, images=size)
+            keep_file(f"{tag}-{variant}", pruned)
+            pruned_models[f"{tag}-{variant}"] = pruned
+        distil_row(f"{tag}-recon-kd256", f"{tag}-recon", 256, {}, f"{tag}-recon-kd")
+        if tag == "t70":
+            distil_row("t70-recon-kc-kd256", "t70-recon-kc", 256, {}, "t70-recon-kc-kd")
+    distil_row("t70-plain-kd-old", "t70-plain", 256, DISTILL_OLD, None)
+    distil_row("t70-plain-kd", "t70-plain", 256, {}, "t70-plain-kd")
+    for size in CURVE:
+        if size != 256:
+            distil_row(f"t70-recon-kd{size}", "t70-recon", size, {}, None)
+    distil_row("t70-recon-kd256-lr1e-4", "t70-recon", 256, {"lr": 1e-4}, None)
     save()
     if not EXTRAS:
         return
@@ -356,6 +382,10 @@ def finish(results_dir: Path, work: Path) -> dict[str, Any]:
         return row
 
     dense = measure("dense FP32", teacher, entry.onnx_path)
+    # the same target with kept channel counts rounded down to multiples of 8 (no data, no fine-tuning): what
+    # onnxruntime's CPU kernels run fast (odd channel counts run slower than the dense network)
+    rounded, _ = pruning.prune(teacher, example, criterion="l1", target_flops=0.7, round_to=8)
+    measure("t70 plain, round_to=8", rounded)
     for target in TARGETS:
         tag = f"t{round(target * 100)}"
         for variant in ("plain", "plain-kd", "recon", "recon-kd", "recon-kc", "recon-kc-kd"):
@@ -396,6 +426,18 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def device_table(summary: dict[str, Any]) -> str:
+    """Every row the GPU machine measured (torch, before export): agreement on the held-out and calibration
+    crops, the MACs left and the seconds spent (pruning, or the distillation)."""
+    lines = ["| row | MACs vs dense | top-1 agreement, 200 held-out crops | on the 256 calibration crops | "
+             "seconds on the GPU |", "|---|---|---|---|---|"]
+    for name, row in summary["device"]["rows"].items():
+        fraction = f"{row['macs_fraction']:.1%}" if row.get("macs_fraction") else ""
+        lines.append(f"| {name} | {fraction} | {row['agreement_eval_torch']:.1%} | "
+                     f"{row['agreement_calib_torch']:.1%} | {row['seconds']} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=("prepare", "device", "finish"))
@@ -409,6 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         summary = finish(Path(args.folder), Path(args.work))
         print(table(summary))
+        print()
+        print(device_table(summary))
 
 
 if __name__ == "__main__":
