@@ -262,8 +262,9 @@ def _scratch(dtype: np.dtype[Any], size: int) -> tuple[np.ndarray, np.ndarray, n
     Reused from call to call: no allocation (and no page faults, no heap churn growing RSS) per chunk."""
     key = dtype.char
     buffers = getattr(_SCRATCH, key, None)
-    if buffers is None:
-        buffers = (np.empty(CHUNK, dtype=dtype), np.empty(CHUNK, dtype=np.intp), np.empty(CHUNK, dtype=bool))
+    if buffers is None or buffers[0].size < size:  # smaller: made while CHUNK was smaller (tests patch it)
+        length = max(CHUNK, size)
+        buffers = (np.empty(length, dtype=dtype), np.empty(length, dtype=np.intp), np.empty(length, dtype=bool))
         setattr(_SCRATCH, key, buffers)
     return buffers[0][:size], buffers[1][:size], buffers[2][:size]
 
