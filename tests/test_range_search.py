@@ -102,5 +102,8 @@ def test_checked_quantization_records_the_search(tmp_path):
     amax = result.metadata["quantization"]["activation_amax"]
     if searched[0].why.startswith("kept"):
         assert searched[0].after > searched[0].before and amax["t"] > scales["t"]
+    elif any(d.action == "range-blend" and d.what != "a = 0" or d.action == "range" and d.what == "t"
+             for d in report.decisions):  # a range step before or after the search widened it instead
+        assert amax["t"] > scales["t"]
     else:
         assert amax["t"] == pytest.approx(scales["t"])
