@@ -286,7 +286,7 @@ def quantize_checked(
         nearest = quantize(source, scales, exclude=user_exclude + float_nodes, **options)
         # Rounding and recentring are judged together, each with and without the other: what one is worth
         # depends on the other (EfficientNet-Lite2, 32 held-out calibration crops: adaptive rounding alone
-        # +0.0006 dB, and on top of recentring +2.3 dB; on the evaluation crops 14.7 -> 21.1 dB with both).
+        # +0.0006 dB, and on top of recentring +2.3 dB; on the evaluation crops 14.7 -> 21.5 dB with both).
         # Recentring runs on the rounded model: shifting it is exact, while rounding a shifted model would need
         # the shift undone in each layer's float target (its bias holds s * sum of the int8 weights).
         tried: dict[tuple[bool, bool], tuple[ModelArtifact, float]] = {
@@ -401,8 +401,9 @@ def _blend_ranges(source: ModelArtifact, scales: Any, metric: Target, reference:
     """Every clipped range moved toward its tensor's full observed range by one common step,
     amax = calibrated^(1-a) * full^a for a in BLEND_STEPS, the step measuring best on the held-out data kept
     (none unless strictly better). How much to clip is a property of the model as much as of each tensor: a
-    detector's class scores live in the tails a percentile clips (YOLOX: positive IoU 0.73 -> 0.90 at a = 0.5),
-    a classifier's or a text map's do not; and one exponent for all tensors is a choice few held-out samples can
+    detector's class scores live in the tails a percentile clips (YOLOX judged by positive IoU: a = 0.25,
+    held-out 0.67 -> 0.86; 0.73 -> 0.88 on evaluation crops with the steps after it),
+    a classifier's logits hardly care (EfficientNet-Lite2: +0.03 dB at a = 0.5); and one exponent for all tensors is a choice few held-out samples can
     make reliably. Returns (the scales to use, their held-out metric)."""
     from trtkit.scales import as_scales
 
