@@ -95,8 +95,7 @@ def _recenter(artifact: ModelArtifact, tensors: list[str] | None = None, verify:
 
     from .recenter import recenter
 
-    result, report = recenter(artifact, tensors=tensors, verify=verify)
-    result.metadata.setdefault("ptq", {})["recenter"] = report.as_dict()
+    result, report = recenter(artifact, tensors=tensors, verify=verify)  # records its report in metadata
     console.print(f"recenter: {len(report.shifted)} activations shifted onto [-amax/2, amax/2] (half the int8 "
                   f"step); {len(report.skipped)} quantized activations left (see metadata ptq.recenter)")
     return result

@@ -247,8 +247,7 @@ def recenter(artifact: ModelArtifact | str, tensors: Iterable[str] | None = None
         index.graph.initializer.remove(tensor_proto)
     if verify and report.shifted:
         report.max_abs_diff = _float_difference(source, result)
-    result.metadata.setdefault("ptq", {})["recenter"] = {"shifted": len(report.shifted),
-                                                         "max_abs_diff": report.max_abs_diff}
+    result.metadata.setdefault("ptq", {})["recenter"] = report.as_dict()
     return result, report
 
 
