@@ -316,11 +316,14 @@ def ort_latency(path: Path, rounds: int = 5, runs: int = 20) -> float:
 
 
 def ort_top1(path: Path, data: np.ndarray) -> np.ndarray:
+    """Top-5 classes of PATH over DATA on onnxruntime CPU, Q/DQ emulated in float (what TensorRT computes).
+    onnxruntime's fused int8 kernels saturate on CPUs without VNNI (reference/calibration.md); the INT8 rows of
+    the 2026-12-03 run (dense INT8 42.5 %, 74 % the day before on another machine) ran on them."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from trtkit.runtime import session_options
+
+    session = ort.InferenceSession(str(path), session_options(threads=2), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     logits = np.concatenate([session.run(None, {name: data[i:i + 50]})[0] for i in range(0, len(data), 50)])
     return np.argsort(-logits, axis=1)[:, :5]  # top-5 classes, best first

@@ -53,15 +53,19 @@ from benchmarks import zoo
 
 TRTKIT_METHODS = ("entropy", "minmax", "mse", "percentile")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
-# What `trtkit quantize --target` is asked to hold per kind of head: issue 14's goals, written as trtkit flags
-# (task knowledge shared by every model of a kind, not a per-model constant).
+# What a user of each kind of head tells `trtkit quantize --data` matters (--task-metric: the decisions are
+# judged by it), and what `--target` is asked to hold: issue 14's goals, written as trtkit flags (task knowledge
+# shared by every model of a kind, not a per-model constant).
+TASK_METRICS: dict[str, list[str]] = {
+    "yolov8": ["--task-metric", "positives output=output0 axis=1 start=4 threshold=0.25"],
+    "yolox": ["--task-metric", "positives output=output start=5 objectness=4 threshold=0.25"],
+    "db": ["--task-metric", "map output=sigmoid_0.tmp_0 threshold=0.3"],
+}
 TARGETS: dict[str, list[str]] = {
     "imagenet": ["--target", "sqnr>=20"],
-    "yolov8": ["--task-metric", "positives output=output0 axis=1 start=4 threshold=0.25",
-               "--target", "positive_iou>=0.9"],
-    "yolox": ["--task-metric", "positives output=output start=5 objectness=4 threshold=0.25",
-              "--target", "positive_iou>=0.9"],
-    "db": ["--task-metric", "map output=sigmoid_0.tmp_0 threshold=0.3", "--target", "map_iou>=0.9"],
+    "yolov8": ["--target", "positive_iou>=0.9"],
+    "yolox": ["--target", "positive_iou>=0.9"],
+    "db": ["--target", "map_iou>=0.9"],
     "sentence": ["--target", "sqnr>=20"],
 }
 SCORE_THRESHOLD = 0.25
@@ -461,14 +465,17 @@ def bench_model(name: str, work: Path, calib_limit: int | None, eval_limit: int 
             log(f"  {row['method']}: FAILED {exc}")
         result["rows"].append(row)
 
-    # The checked paths: the default scales, then `quantize --data` (adaptive rounding kept when it measures
-    # better on held-out calibration samples), and `quantize --target` (float fallback until the goal holds).
+    # The checked paths: the default scales, then `quantize --data` (each refinement kept when it measures
+    # better on the calibration samples; judged by the head's task metric where it has one), and
+    # `quantize --target` (float fallback until the goal holds).
     default_scales = work / "scales-default.json"
-    for label, extra in (("checked", []), ("target", TARGETS.get(model.head, []))) if checked else ():
-        if label == "target" and (not extra or not targets):
+    task = TASK_METRICS.get(model.head, [])
+    goal = TARGETS.get(model.head, [])
+    for label, extra in (("checked", task), ("target", task + goal)) if checked else ():
+        if label == "target" and (not goal or not targets):
             continue
-        row = {"method": f"trtkit --data {' '.join(extra[-1:])}".strip() if extra else "trtkit --data (adaptive)",
-               "kind": "trtkit"}
+        row = {"method": f"trtkit --data {goal[-1]}" if label == "target" else
+               "trtkit --data (judged by the task metric)" if task else "trtkit --data (adaptive)", "kind": "trtkit"}
         qdq = work / f"trtkit-{label}.onnx"
         try:
             if not default_scales.exists():
@@ -486,7 +493,7 @@ def bench_model(name: str, work: Path, calib_limit: int | None, eval_limit: int 
                        float_layers=len(checked_report.get("float_nodes") or []),
                        decisions=checked_report.get("decisions"))
             if label == "target":
-                row["method"] += (f" ({'met' if checked_report.get('met') else 'not met'} on held-out calibration"
+                row["method"] += (f" ({'met' if checked_report.get('met') else 'not met'} on the calibration"
                                   f" samples, {row['float_layers']} layers float)")
             judge(row, qdq)
         except (StepError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:

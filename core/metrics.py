@@ -329,7 +329,7 @@ class TaskMetric:
 
     kind "positives": scores (channels start:stop of `axis`, times the `objectness` channel when given) above
     `threshold` after `activation`; values positive_iou (over elements = anchor x class), anchor_iou (an anchor
-    is positive when any class is), counts. kind "boxes": the 4 channels start:stop of `axis` as boxes of
+    is positive when any class is), score_sqnr_db (SQNR of those scores over every anchor), counts. kind "boxes": the 4 channels start:stop of `axis` as boxes of
     `format`, compared on the anchors positive in both models according to the positives metric `positives`.
     kind "map": elements above `threshold` after `activation`; values map_iou, map_sqnr_db.
     """
@@ -562,6 +562,7 @@ def measure_task_metrics(task_metrics: Sequence[TaskMetric], reference: Mapping[
                     entry.update({
                         "positive_iou": jaccard(ref_positive, cand_positive),
                         "anchor_iou": jaccard(ref_any, cand_any),
+                        "score_sqnr_db": sqnr_db(ref_scores, cand_scores),
                         "reference_positives": float(np.count_nonzero(ref_positive)),
                         "candidate_positives": float(np.count_nonzero(cand_positive)),
                         "common_positives": float(np.count_nonzero(ref_positive & cand_positive)),

@@ -141,6 +141,7 @@ def test_cli_quantize_with_data_rounds_and_reports(setup, tmp_path):
     assert result.returncode == 0, result.stderr
     checked = json.loads(result.stdout)["checked"]
     assert checked["target"] is None and checked["check_samples"] == 12 and checked["round_samples"] == 36
+    assert checked["samples"] == 48
     actions = [d["action"] for d in checked["decisions"]]
     assert "adaptive-round" in actions and set(actions) <= {"range-blend", "range-search", "range", "adaptive-round",
                                                             "recenter"}
@@ -155,7 +156,7 @@ def test_cli_quantize_with_data_rounds_and_reports(setup, tmp_path):
                      str(tmp_path / "report.html"), "-O", "duration_s=0.1", "-O", "layers=false")
     assert report.returncode == 0, report.stderr
     markdown = (tmp_path / "report.md").read_text()
-    assert "## Quantization decisions (sqnr on 12 held-out samples)" in markdown
+    assert "## Quantization decisions (sqnr on 48 samples; rounding and range search on the 12 held out" in markdown
     assert "## Quantization verdict" in markdown
     for decision in checked["decisions"]:
         assert f"| {decision['action']} | {decision['what']} |" in markdown
@@ -307,7 +308,34 @@ def test_without_a_target_a_task_metric_is_what_the_decisions_are_judged_by(setu
     assert plain.metric == "sqnr"
 
 
-def test_few_reference_positives_in_the_held_out_samples_are_reported(setup):
+def test_positives_are_refined_by_their_score_sqnr_and_a_target_checked_on_itself(setup):
+    """A positives metric without a target: the decisions are judged by the SQNR of its scores (continuous; the
+    IoU of thresholded sets moves by whole positives). With a positive_iou target the refinements still are,
+    and the target is measured as an IoU on every sample; the rounding decision is judged on the held-out ones."""
+    from trtkit.metrics import measure_task_metrics, parse_task_metrics
+    from trtkit.plugins.qdq.target import quantize_checked
+
+    folder, model, calib, *_ = setup
+    spec = "positives output=prob threshold=0.5"
+    result, report = quantize_checked(model, folder / "scales.json", calib, task_metrics=[spec], recenter=False,
+                                      choose_ranges=False)
+    assert report.metric == report.refined_by == "score_sqnr"
+    metrics = parse_task_metrics([spec], ["prob"])
+    found = measure_task_metrics(metrics, {"prob": _outputs(model, calib)}, {"prob": _outputs(result, calib)})
+    assert report.measured == pytest.approx(found["positives"]["prob"]["score_sqnr_db"], rel=1e-6)
+    rounding = next(d for d in report.decisions if d.action == "adaptive-round")
+    assert f"judged on the {report.check_samples} samples held out" in rounding.why
+    assert report.check_samples < report.samples == len(calib)
+
+    result, report = quantize_checked(model, folder / "scales.json", calib, task_metrics=[spec], recenter=False,
+                                      choose_ranges=False, target="positive_iou>=0.5")
+    assert report.metric == "positive_iou" and report.refined_by == "score_sqnr" and report.met
+    found = measure_task_metrics(metrics, {"prob": _outputs(model, calib)}, {"prob": _outputs(result, calib)})
+    assert report.measured == pytest.approx(found["positives"]["prob"]["positive_iou"])
+    assert report.as_dict()["refined_by"] == "score_sqnr"
+
+
+def test_few_reference_positives_in_the_samples_are_reported(setup):
     """A detection metric judged on few FP32 positives is coarse: the report says how many there were."""
     import re
 
@@ -316,9 +344,9 @@ def test_few_reference_positives_in_the_held_out_samples_are_reported(setup):
     folder, model, calib, *_ = setup
     _, report = quantize_checked(model, folder / "scales.json", calib, adaptive_round=False, choose_ranges=False,
                                  recenter=False, task_metrics=["positives output=prob threshold=0.5"])
-    reference = _outputs(model, calib[np.linspace(0, len(calib) - 1, report.check_samples).round().astype(int)])
-    count = int(np.count_nonzero(reference > 0.5))
-    assert 0 < count < FEW_POSITIVES  # the seeded model's held-out outputs: a handful above 0.5
+    assert report.samples == len(calib)  # the decisions are judged on every sample
+    count = int(np.count_nonzero(_outputs(model, calib) > 0.5))
+    assert 0 < count < FEW_POSITIVES  # the seeded model's outputs: a handful above 0.5
     assert len(report.notes) == 1 and f"hold {count} FP32 positives for" in report.notes[0]
     assert re.search(r"about [0-9.e-]+ per positive", report.notes[0])
     assert report.as_dict()["notes"] == report.notes

@@ -207,6 +207,9 @@ def test_measure_positives_and_boxes_on_a_yolov8_layout():
     ref_anchor, cand_anchor = ref_pos.any(1), cand_pos.any(1)
     assert positives["anchor_iou"] == pytest.approx(_set_iou(ref_anchor, cand_anchor))
     assert positives["reference_positives"] == ref_pos.sum()
+    ref_scores, cand_scores = 1 / (1 + np.exp(-ref[:, 4:])), 1 / (1 + np.exp(-cand[:, 4:]))
+    noise = np.sum((ref_scores - cand_scores) ** 2)
+    assert positives["score_sqnr_db"] == pytest.approx(10 * np.log10(np.sum(ref_scores ** 2) / noise))
     boxes = found["boxes"]["det"]
     both = ref_anchor & cand_anchor
     ref_boxes = np.moveaxis(ref[:, :4], 1, -1)[both]

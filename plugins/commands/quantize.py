@@ -1,7 +1,7 @@
 """`trtkit quantize MODEL --scales SCALES`: scales -> QDQ ONNX; with --data also adaptive rounding, checked.
 
 `--data` calibrates first when no --scales are given, then refines the int8 weights by adaptive rounding and
-measures the result on held-out samples (plugins/qdq/target.py); `--target "sqnr>=20"` keeps the fewest layers
+measures every decision on the samples (plugins/qdq/target.py); `--target "sqnr>=20"` keeps the fewest layers
 in float until the target holds.
 
 Nothing heavy is imported here: onnx and numpy load inside the API functions.
@@ -40,7 +40,7 @@ def quantize_command(
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One scale per weight tensor instead of per channel.")] = False,
     reduce_range: Annotated[bool, typer.Option("--reduce-range", help="7-bit weights (onnxruntime on CPUs without VNNI); not for TensorRT.")] = False,
     concat_max_ratio: Annotated[float, typer.Option("--concat-max-ratio", help="No shared Concat scale when input ranges differ more than this.")] = 32.0,
-    target: Annotated[str | None, typer.Option("--target", help="Accuracy to reach on held-out --data, e.g. 'sqnr>=20', 'agreement>=0.95', 'positive_iou>=0.9' (with --task-metric); the fewest layers stay in float.")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="Accuracy to reach on the --data samples, e.g. 'sqnr>=20', 'agreement>=0.95', 'positive_iou>=0.9' (with --task-metric); the fewest layers stay in float.")] = None,
     task_metric: TaskMetricFlag = None,
     adaptive_round: Annotated[bool, typer.Option("--adaptive-round/--nearest-round", help="With --data: choose int8 weights against each layer's output (kept only when it measures better).")] = True,
     recenter: Annotated[bool, typer.Option("--recenter/--no-recenter", help="With --data: shift ReLU/ReLU6 outputs onto [-amax/2, amax/2], half the int8 step (kept only when it measures better).")] = True,
@@ -52,7 +52,7 @@ def quantize_command(
     """Insert int8 Q/DQ nodes where TensorRT fuses them (per-channel weights, per-tensor activations).
 
     The scales come from --scales, or from calibrating on --data first. With --data, int8 weights are chosen
-    by adaptive rounding and the result is measured on held-out samples; --target adds float fallback.
+    by adaptive rounding and every decision is measured on the samples; --target adds float fallback.
     """
     from trtkit.calibration import calibrate
     from trtkit.errors import OptionError
@@ -63,7 +63,7 @@ def quantize_command(
         raise OptionError("give --scales FILE, --data DATA, or both")
     for flag, value in (("--target", target), ("--task-metric", task_metric), ("--max-float", max_float)):
         if value and data is None:
-            raise OptionError(f"{flag} needs --data (the result is measured on held-out samples)")
+            raise OptionError(f"{flag} needs --data (the result is measured on its samples)")
     run_on = execution(workers, ray_address)  # adaptive rounding's Gram sums on workers; results identical
     output = output or model.with_name(model.stem + ".int8.onnx")
     check_output_path(output, model)

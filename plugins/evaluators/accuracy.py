@@ -291,7 +291,8 @@ def task_metric_lines(task_results: dict[str, dict[str, dict[str, Any]]], indent
     """One human line per task metric (the CLI's and the summary's)."""
     lines = []
     for name, m in task_results.get("positives", {}).items():
-        lines.append(f"{indent}positives {name}: IoU {m['positive_iou']:.4f} (anchors {m['anchor_iou']:.4f}); "
+        lines.append(f"{indent}positives {name}: IoU {m['positive_iou']:.4f} (anchors {m['anchor_iou']:.4f}), "
+                     f"scores {m['score_sqnr_db']:.2f} dB; "
                      f"{m['reference_positives']:.0f} reference vs {m['candidate_positives']:.0f} candidate "
                      f"positives > {m['settings']['threshold']:g} ({_applied(m['activation'])})")
     for name, m in task_results.get("boxes", {}).items():

@@ -146,15 +146,18 @@ def _report_sections(context: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _checked_sections(checked: Mapping[str, Any]) -> list[dict[str, Any]]:
     """`quantize --data/--target` decisions (metadata["quantization"]["checked"]): each with what, why and the
-    held-out metric before and after, then the verdict."""
+    metric before and after, then the verdict."""
     metric = checked.get("metric", "")
     rows = [[d.get("action", ""), d.get("what", ""), d.get("why", ""), d.get("before"), d.get("after")]
             for d in checked.get("decisions") or []]
-    title = f"Quantization decisions ({metric} on {checked.get('check_samples', '')} held-out samples)"
+    refined = checked.get("refined_by") or metric
+    title = (f"Quantization decisions ({metric} on {checked.get('samples', '')} samples; rounding and range "
+             f"search on the {checked.get('check_samples', '')} held out from their fit"
+             + ("" if refined == metric else f"; refinements by {refined}") + ")")
     sections = [_table(title, ["decision", "what", "why", "before", "after"], rows)]
     target = checked.get("target")
     floats = checked.get("float_nodes") or []
-    verdict = (f"{metric} {_fmt(checked.get('measured'))} on held-out samples" if not target else
+    verdict = (f"{metric} {_fmt(checked.get('measured'))} on {checked.get('samples', '')} samples" if not target else
                f"target {target}: {'met' if checked.get('met') else 'NOT met, blocked by ' + str(checked.get('blocking'))}"
                f"; measured {_fmt(checked.get('measured'))}; {len(floats)} layer(s) in float"
                + (f": {', '.join(floats)}" if floats else ""))
