@@ -133,7 +133,7 @@ class _Judge:
 
 @dataclass
 class Decision:
-    action: str          # "adaptive-round", "float", "final"
+    action: str          # "range-blend", "range-search", "range", "adaptive-round", "recenter", "float", "final"
     what: str
     why: str
     before: float | None
@@ -165,7 +165,8 @@ class TargetReport:
     def as_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "target": self.target,
                 "measured": None if self.measured is None else round(float(self.measured), 4), "met": self.met,
-                "check_samples": self.check_samples, "round_samples": self.round_samples, "samples": self.samples, "refined_by": self.refined_by,
+                "check_samples": self.check_samples, "round_samples": self.round_samples, "samples": self.samples,
+                "refined_by": self.refined_by,
                 "decisions": [d.as_dict() for d in self.decisions], "float_nodes": self.float_nodes,
                 "blocking": self.blocking, "notes": self.notes}
 
