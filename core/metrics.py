@@ -329,8 +329,9 @@ class TaskMetric:
 
     kind "positives": scores (channels start:stop of `axis`, times the `objectness` channel when given) above
     `threshold` after `activation`; values positive_iou (over elements = anchor x class), anchor_iou (an anchor
-    is positive when any class is), score_sqnr_db (SQNR of those scores over every anchor), counts. kind "boxes": the 4 channels start:stop of `axis` as boxes of
-    `format`, compared on the anchors positive in both models according to the positives metric `positives`.
+    is positive when any class is), score_sqnr_db (SQNR of those scores over every anchor), counts. kind
+    "boxes": the 4 channels start:stop of `axis` as boxes of `format`, compared on the anchors positive in both
+    models according to the positives metric `positives`.
     kind "map": elements above `threshold` after `activation`; values map_iou, map_sqnr_db.
     """
 
