@@ -172,6 +172,10 @@ def test_cli_target_keeps_layers_in_float_until_met(setup, tmp_path):
                      "--target", f"sqnr>={goal:.2f}", "-o", str(tmp_path / "t.onnx"), "--json")
     checked = json.loads(result.stdout)["checked"]
     floats = [d for d in checked["decisions"] if d["action"] == "float"]
+    finals = [d for d in checked["decisions"] if d["action"] == "final"]
+    if floats:  # the model kept is never worse by the target than the fallback step measured
+        assert len(finals) == 1 and finals[0]["after"] >= floats[-1]["after"]
+        assert checked["measured"] == finals[0]["after"]
     if checked["met"]:
         assert result.returncode == 0, result.stderr
         assert checked["measured"] >= goal and checked["float_nodes"] and floats
@@ -408,3 +412,24 @@ def test_recipe_execution_section_rounds_on_the_engine_identically(process_engin
         models.append(sorted((tmp_path / name).rglob("*int8*.onnx")))
     assert maps[0] == [] and len(maps[1]) > 1  # calibration's shards, then the rounding's, on the workers
     assert models[0] and [p.read_bytes() for p in models[0]] == [p.read_bytes() for p in models[1]]
+
+
+def test_target_falls_back_on_a_model_without_node_names(tmp_path):
+    """onnx.helper models have no node names: the fallback names them as the placement does (OPTYPE_INDEX) on a
+    copy, and the model kept measures no worse than the fallback step did."""
+    import onnx
+
+    from trtkit.plugins.qdq.target import quantize_checked
+
+    path = outlier_model(tmp_path / "model.onnx")
+    before = path.read_bytes()
+    calib = np.random.default_rng(3).uniform(0, 1, (16, 16, 8, 8)).astype(np.float32)
+    scales = trtkit.calibrate(path, calib, progress=False)
+    result, report = quantize_checked(path, scales, calib, target="sqnr>=300", max_float=1)
+    assert report.float_nodes == ["Conv_2"] and report.met is False
+    floats = [d for d in report.decisions if d.action == "float"]
+    final = report.decisions[-1]
+    assert final.action == "final" and final.after >= floats[-1].after and report.measured == final.after
+    conv = next(node for node in result.model.graph.node if node.name == "Conv_2")
+    assert conv.input[0] == "r1"  # reads the float activation
+    assert path.read_bytes() == before and not any(n.name for n in onnx.load(path).graph.node)
