@@ -433,3 +433,21 @@ def test_target_falls_back_on_a_model_without_node_names(tmp_path):
     conv = next(node for node in result.model.graph.node if node.name == "Conv_2")
     assert conv.input[0] == "r1"  # reads the float activation
     assert path.read_bytes() == before and not any(n.name for n in onnx.load(path).graph.node)
+
+
+def test_a_model_with_input_quantizers_removed_builds_with_tensorrt_rtx(tmp_path):
+    """The fallback step's model (kept when it measures better than the re-built one): a Conv reading the float
+    activation and int8 weights through a DequantizeLinear is something TensorRT parses and builds."""
+    from test_qdq import trt_build
+
+    from trtkit.plugins.qdq.target import _without_quantizers
+
+    path = outlier_model(tmp_path / "model.onnx")
+    calib = np.random.default_rng(3).uniform(0, 1, (16, 16, 8, 8)).astype(np.float32)
+    qdq = trtkit.quantize(path, trtkit.calibrate(path, calib, progress=False))
+    result = qdq.copy()
+    result.model = _without_quantizers(qdq.model, ["r1"])
+    quantizers = [n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"]
+    assert "r1" not in quantizers and "x" in quantizers
+    result.save(tmp_path / "fallback.onnx")
+    trt_build(tmp_path / "fallback.onnx", shape=(1, 16, 8, 8), opt=(4, 16, 8, 8), maximum=(8, 16, 8, 8))
