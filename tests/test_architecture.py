@@ -143,6 +143,8 @@ NOT_PLUGIN_REFERENCES = {
     ("recipe.py", "report"): "the recipe schema's [report] section, not the report evaluator",
     ("pipeline.py", "recenter"): "the [quantize] key passed to the scales builder as its option, not the pass",
     ("recipe.py", "recenter"): "the recipe schema's [quantize] recenter key (a builder option), not the pass",
+    ("pipeline.py", "smooth"): "the [quantize] key passed to the scales builder as its option, not the pass",
+    ("recipe.py", "smooth"): "the recipe schema's [quantize] smooth key (a builder option), not the pass",
 }
 
 

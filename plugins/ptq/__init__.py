@@ -1,12 +1,14 @@
-"""Built-in passes beyond plain PTQ: `equalize`, `bias-correct`, `adaptive-round`, `qdq-tune`, `recenter`.
+"""Built-in passes beyond plain PTQ: `equalize`, `smooth`, `bias-correct`, `adaptive-round`, `qdq-tune`,
+`recenter`.
 
     trtkit optimize model.onnx -o model.eq.onnx --pass equalize
+    trtkit optimize model.onnx -o model.sm.onnx --pass smooth -O data=calib.npz
     trtkit optimize model.int8.onnx -o model.bc.onnx --pass bias-correct \
         -O reference=model.eq.onnx -O data=calib.npz
     trtkit optimize model.int8.onnx -o model.tuned.onnx --pass qdq-tune
     trtkit optimize model.int8.onnx -o model.rc.onnx --pass recenter
 
-One pass per module: `equalize.py`, `bias_correct.py`, `adaptive_round.py`, `qdq_tune.py`, `recenter.py`
+One pass per module: `equalize.py`, `smooth.py`, `bias_correct.py`, `adaptive_round.py`, `qdq_tune.py`, `recenter.py`
 (`common.py` holds what they share).
 This module only declares and registers them; a pass module is imported when its pass runs (this one loads
 at CLI start-up). As Python functions: `trtkit.equalize`, `trtkit.bias_correct`, `trtkit.qdq_tune`, each
@@ -37,6 +39,20 @@ def _equalize(artifact: ModelArtifact, iterations: int = 20, max_scale: float = 
     worst = max((p.range_ratio_before for p in report.pairs), default=1.0)
     console.print(f"equalize: {len(report.pairs)} layer pairs in {report.iterations} sweeps (largest channel range "
                   f"ratio {worst:.1f} before); {len(report.skipped)} chains stopped (see metadata ptq.equalize)")
+    return result
+
+
+def _smooth(artifact: ModelArtifact, data: str = "", alpha: float = 1.0, limit: int = 256, batch_size: int = 32,
+            verify: bool = True) -> ModelArtifact:
+    """LayerNorm output ranges moved into the weights of the MatMuls reading them (FP32, exact)."""
+    from trtkit.ui import console
+
+    from .smooth import smooth
+
+    result, report = smooth(artifact, data, alpha=alpha, limit=limit, batch_size=batch_size, verify=verify)
+    check = "" if report.sqnr_db is None else f"; outputs {report.sqnr_db:.0f} dB from the input model's"
+    console.print(f"smooth: {len(report.layers)} LayerNorm outputs on {report.samples} samples (alpha {alpha:g})"
+                  f"{check}; {len(report.skipped)} left (see metadata ptq.smooth)")
     return result
 
 
@@ -119,6 +135,18 @@ def register_passes(register: Any) -> None:
             "layers": Option("list", None, "only pairs starting at these node names (default: all)"),
         },
         apply=_equalize,
+    ))
+    register(GraphPass(
+        name="smooth",
+        description="LayerNorm output ranges moved into the reading MatMuls' weights (FP32, exact; SmoothQuant).",
+        options={
+            "data": Option("path", required=True, help="calibration data (anything `trtkit calibrate` reads)"),
+            "alpha": Option("float", 1.0, "migration strength: 1 evens the activation's channels, 0 the weights'"),
+            "limit": Option("int", 256, "use at most this many samples"),
+            "batch_size": Option("int", 32, "batch size for onnxruntime"),
+            "verify": Option("bool", True, "compare the outputs with the input model's on one batch"),
+        },
+        apply=_smooth,
     ))
     register(GraphPass(
         name="bias-correct",

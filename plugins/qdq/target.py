@@ -13,6 +13,7 @@ at most `check_samples`). Judging on all samples gives a detection metric four t
 0.86 on all and 0.71 on the evaluation crops). Each decision is recorded (what, why, the metric before and
 after) in the artefact's metadata["quantization"]["checked"]:
 
+0. LayerNorm smoothing (plugins/ptq/smooth.py), where LayerNorms feed MatMuls, kept only if it measures better;
 1. ranges: every clipped range moved toward its full observed range by one common step; per activation read
    by Conv/Gemm/MatMul, the range with the least error at those layers' outputs (plugins/qdq/range_search.py);
    then per tensor still clipped, the full observed range where it measures better;
@@ -295,6 +296,7 @@ def quantize_checked(
     quantize_options: Mapping[str, Any] | None = None,
     choose_ranges: bool = True,
     recenter: bool = True,
+    smooth: bool = True,
     execution: Any = None,
 ) -> tuple[ModelArtifact, TargetReport]:
     """Quantize `model` with `scales`, refine with adaptive rounding on `data`, and (with `target`) keep the
@@ -304,6 +306,8 @@ def quantize_checked(
     max_float: most layers kept in float for the target (default: a quarter of the quantized layers).
     choose_ranges: per tensor, keep the calibrator's range or the full observed range, whichever measures better.
     recenter: shift ReLU/ReLU6 activations between linear layers onto [-amax/2, amax/2] (plugins/ptq/recenter.py)
+      where that measures better.
+    smooth: move LayerNorm output ranges into the weights of the MatMuls reading them (plugins/ptq/smooth.py)
       where that measures better.
     """
     import numpy as np
@@ -338,6 +342,8 @@ def quantize_checked(
     report.notes.extend(_support_notes(metrics, reference))
     options = dict(quantize_options or {})
     user_exclude = list(exclude)
+    if smooth:
+        source, scales = _smooth(source, scales, data, fit, held, user_exclude, options, report)
     if choose_ranges:
         scales, measured = _blend_ranges(source, scales, judge, user_exclude, options, report)
         scales, searched = _search_ranges(source, scales, held, fit, user_exclude, options, report)
@@ -467,6 +473,53 @@ def _rescaled(given: Any, amax: Mapping[str, float], changed: Iterable[str], sou
     sources = {name: (source_label if name in changed else given.sources.get(name, given.method)) for name in amax}
     return Scales(dict(amax), method=given.method, options=given.options, model=given.model, data=given.data,
                   sources=sources, stats=given.stats)
+
+
+def _smooth(source: ModelArtifact, scales: Any, data: Any, fit: Mapping[str, np.ndarray], held: _Judge,
+            exclude: list[str], options: Mapping[str, Any], report: TargetReport) -> tuple[ModelArtifact, Any]:
+    """The FP32 model with its LayerNorm outputs smoothed (plugins/ptq/smooth.py, channel ranges from the `fit`
+    samples) and those tensors calibrated again with the scales' own calibrator on `data`, where that measures
+    better on the held-out samples. A residual Add's restored input gets the original output's range (same
+    values). Returns (the FP32 model to quantize, its scales)."""
+    from trtkit.calibration import calibrate, find_calibrator
+    from trtkit.errors import UnknownNameError
+    from trtkit.plugins.ptq.smooth import smooth
+    from trtkit.scales import Scales, as_scales, model_fingerprint
+
+    from .insert import quantize
+
+    given = as_scales(scales)
+    smoothed, smoothing = smooth(source, fit, verify=False)
+    if not smoothing.layers:
+        return source, scales
+    try:
+        find_calibrator(given.method)
+    except UnknownNameError:
+        report.notes.append(f"LayerNorm smoothing not tried: the scales come from '{given.method}', not a "
+                            "calibrator that can measure the smoothed tensors")
+        return source, scales
+    fresh = calibrate(smoothed, data, method=given.method, options=given.options, tensors=smoothing.tensors,
+                      progress=False)
+    amax, stats = dict(given.items()), dict(given.stats)
+    for layer in smoothing.layers:
+        amax[layer["tensor"]], stats[layer["tensor"]] = fresh[layer["tensor"]], fresh.stats[layer["tensor"]]
+        if layer["restored"] and layer["tensor"] in given:
+            amax[layer["restored"]] = given[layer["tensor"]]
+            stats[layer["restored"]] = given.stats.get(layer["tensor"], {})
+    changed = [name for layer in smoothing.layers for name in (layer["tensor"], layer["restored"]) if name]
+    model = {**given.model, "sha256": model_fingerprint(smoothed.model)}
+    candidate = Scales(amax, method=given.method, options=given.options, model=model, data=given.data,
+                       sources={n: ("smooth" if n in changed else given.sources.get(n, given.method)) for n in amax},
+                       stats=stats)
+    before = held.score(quantize(source, given, exclude=exclude, **options))
+    after = held.score(quantize(smoothed, candidate, exclude=exclude, strict_names=False, **options))
+    keep = held.metric.better(after, before)
+    report.decisions.append(Decision(
+        "smooth", f"{len(smoothing.layers)} LayerNorm outputs",
+        ("kept" if keep else "dropped") + ": channel ranges moved into the reading MatMuls' weights (exact in "
+        f"float); judged on the {held.samples} samples held out from the fit" + ("" if keep else ", not better"),
+        before, after))
+    return (smoothed, candidate) if keep else (source, scales)
 
 
 def _blend_ranges(source: ModelArtifact, scales: Any, judge: _Judge, exclude: list[str],

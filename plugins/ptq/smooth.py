@@ -1,0 +1,194 @@
+"""The `smooth` pass: the per-channel ranges of LayerNorm outputs moved into the weights of the MatMuls that read
+them (SmoothQuant's migration, Xiao et al. 2023), on the FP32 model before calibration. Exact in float.
+
+A LayerNorm's output often has channels whose range is many times the others' (its learnt gamma): one
+per-tensor int8 scale then leaves most channels a few levels. With s per channel, gamma / s and beta / s in the
+LayerNorm and the rows of each reading MatMul's weight times s compute the same products, while the activation's
+channels now share one range:
+
+    s_c = max|x_c|^alpha / max|w_c|^(1 - alpha), normalised to a geometric mean of 1
+
+(alpha = 1 evens the activation completely; the weights, quantized per output column, take the spread). A
+residual Add that reads the same output (post-LN transformers: BERT, MiniLM) reads it through a Mul by s, so
+it still sees the original values; TensorRT fuses such a per-channel constant Mul into the pointwise chain.
+Measured on all-MiniLM-L6-v2 (real weights, 96 real calibration and 96 evaluation sentences, percentile scales,
+nearest rounding): output SQNR 11.1 -> 16.8 dB at alpha = 1 (alpha 0.5: 10.4, 0.8: 14.7, 0.9: 15.9).
+
+A LayerNorm is smoothed only when every reader of its output is a MatMul with a constant 2-D weight read by
+nobody else, a residual Add, or a Shape; its gamma and beta must be constants read by it alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from trtkit.errors import InputFileError, OptionError
+from trtkit.graph import GraphIndex
+from trtkit.model import as_artifact
+
+from .common import add_initializer, attribute, constant_array, has_qdq
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+    from trtkit.model import ModelArtifact
+
+SMOOTH_READERS = ("MatMul", "Add", "Shape")  # readers a smoothed LayerNorm output may have
+
+
+@dataclass
+class _Site:
+    node: onnx.NodeProto
+    matmuls: list[onnx.NodeProto]
+    adds: list[tuple[onnx.NodeProto, int]]
+
+
+@dataclass
+class SmoothReport:
+    layers: list[dict[str, Any]] = field(default_factory=list)  # node, channels, spread before, readers
+    skipped: dict[str, str] = field(default_factory=dict)  # LayerNorm -> why not
+    samples: int = 0
+    alpha: float = 1.0
+    sqnr_db: float | None = None  # outputs of the smoothed model against the input model (float check)
+
+    @property
+    def tensors(self) -> list[str]:
+        """The activations whose values changed (the smoothed LayerNorm outputs)."""
+        return [layer["tensor"] for layer in self.layers]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "samples": self.samples, "layers": self.layers,
+                "skipped": dict(sorted(self.skipped.items())),
+                "sqnr_db": None if self.sqnr_db is None else round(self.sqnr_db, 1)}
+
+
+def _sites(artifact: ModelArtifact, index: GraphIndex, report: SmoothReport) -> list[_Site]:
+    sites = []
+    for node in artifact.model.graph.node:
+        if node.op_type != "LayerNormalization":
+            continue
+        name, out = node.name or node.output[0], node.output[0]
+        reasons = []
+        if attribute(node, "axis", -1) != -1:
+            reasons.append("normalizes another axis than the last")
+        if len(node.input) < 3 or not all(index.is_constant(t) and len(index.consumers.get(t, [])) == 1
+                                          for t in node.input[1:3]):
+            reasons.append("gamma/beta are not constants of its own")
+        if out in index.outputs:
+            reasons.append("its output is a graph output")
+        matmuls, adds = [], []
+        for reader, slot in index.consumers.get(out, []):
+            if reader.op_type not in SMOOTH_READERS:
+                reasons.append(f"read by {reader.op_type} '{reader.name}'")
+            elif reader.op_type == "MatMul":
+                weight = constant_array(artifact, index, reader.input[1])
+                if slot != 0 or weight is None or weight.ndim != 2 or len(index.consumers[reader.input[1]]) != 1:
+                    reasons.append(f"MatMul '{reader.name}' has no constant 2-D weight of its own")
+                matmuls.append(reader)
+            elif reader.op_type == "Add":
+                adds.append((reader, slot))
+        if not matmuls:
+            reasons.append("no MatMul reads it")
+        if reasons:
+            report.skipped[name] = reasons[0]
+            continue
+        sites.append(_Site(node, matmuls, adds))
+    return sites
+
+
+def _channel_ranges(artifact: ModelArtifact, tensors: list[str], data: Any, limit: int,
+                    batch_size: int) -> tuple[dict[str, np.ndarray], int]:
+    """max |x| per last-axis channel of each tensor over the data, and the number of samples read."""
+    import numpy as np
+
+    from trtkit.data import batch_len, load_data
+    from trtkit.runtime import session
+
+    sess = session(artifact, emulate_qdq=False, extra_outputs=tensors)
+    ranges: dict[str, np.ndarray] = {}
+    samples = 0
+    for feeds in load_data(data, artifact.model, batch_size=batch_size, limit=limit).batches():
+        samples += batch_len(feeds)
+        for name, value in zip(tensors, sess.run(tensors, feeds), strict=True):
+            peak = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0).astype(np.float64)
+            ranges[name] = np.maximum(ranges[name], peak) if name in ranges else peak
+    return ranges, samples
+
+
+def smooth(model: ModelArtifact | str | onnx.ModelProto, data: Any, alpha: float = 1.0, limit: int = 256,
+           batch_size: int = 32, max_scale: float = 1e3, verify: bool = True) -> tuple[ModelArtifact, SmoothReport]:
+    """Smooth every eligible LayerNorm of an FP32 model (see the module doc) with channel ranges measured on
+    `data`. Returns (new artefact, report); the input is not modified. Calibrate the result afterwards."""
+    import numpy as np
+    from onnx import helper
+
+    from trtkit.metrics import sqnr_db
+
+    if not 0.0 <= alpha <= 1.0:
+        raise OptionError(f"smooth: alpha must be in [0, 1], got {alpha}")
+    source = as_artifact(model)
+    if has_qdq(source.model):
+        raise InputFileError(f"{source.source or 'model'}: already quantized (has Q/DQ nodes); smooth the FP32 model")
+    report = SmoothReport(alpha=alpha)
+    result = source.copy()
+    index = GraphIndex(result.model.graph)
+    sites = _sites(result, index, report)
+    if not sites:
+        return result, report
+    ranges, report.samples = _channel_ranges(source, [s.node.output[0] for s in sites], data, limit, batch_size)
+    after: dict[int, list[onnx.NodeProto]] = {}  # LayerNorm position -> Mul nodes to insert after it
+    positions = {id(node): i for i, node in enumerate(result.model.graph.node)}
+    for site in sites:
+        out = site.node.output[0]
+        x = ranges[out]
+        weights = [constant_array(result, index, m.input[1]).astype(np.float64) for m in site.matmuls]
+        w = np.max([np.abs(weight).max(axis=1) for weight in weights], axis=0)
+        tiny = np.finfo(np.float32).tiny
+        scale = np.maximum(x, tiny) ** alpha / np.maximum(w, tiny) ** (1.0 - alpha)
+        scale = np.clip(scale / np.exp(np.mean(np.log(scale))), 1.0 / max_scale, max_scale)
+        for slot in (1, 2):
+            name = site.node.input[slot]
+            value = constant_array(result, index, name).astype(np.float64)
+            _set_constant(index, name, (value / scale).astype(np.float32))
+        for matmul, weight in zip(site.matmuls, weights, strict=True):
+            _set_constant(index, matmul.input[1], (weight * scale[:, None]).astype(np.float32))
+        restored = None
+        if site.adds:
+            scale_name = add_initializer(index, f"{out}_smooth_scale", scale.astype(np.float32))
+            restored = index.fresh_name(f"{out}_unsmoothed")
+            after.setdefault(positions[id(site.node)], []).append(helper.make_node(
+                "Mul", [out, scale_name], [restored], name=index.fresh_name(f"{site.node.name or out}_unsmooth")))
+            for add, slot in site.adds:
+                add.input[slot] = restored
+        report.layers.append({"node": site.node.name, "tensor": out, "restored": restored, "channels": int(x.size),
+                              "spread_before": round(float(x.max() / max(np.median(x), tiny)), 2),
+                              "readers": [m.name for m in site.matmuls] + [a.name for a, _ in site.adds]})
+    if after:
+        nodes = list(result.model.graph.node)
+        ordered = [n for i, node in enumerate(nodes) for n in [node, *after.get(i, [])]]
+        del result.model.graph.node[:]
+        result.model.graph.node.extend(ordered)
+    if verify:
+        from trtkit.data import load_data
+        from trtkit.runtime import session
+
+        feeds = next(iter(load_data(data, source.model, batch_size=batch_size, limit=batch_size).batches()))
+        before = session(source, emulate_qdq=False).run(None, feeds)
+        now = session(result, emulate_qdq=False).run(None, feeds)
+        report.sqnr_db = min(sqnr_db(a, b) for a, b in zip(before, now, strict=True))
+    result.metadata.setdefault("ptq", {})["smooth"] = report.as_dict()
+    return result, report
+
+
+def _set_constant(index: GraphIndex, name: str, value: np.ndarray) -> None:
+    """Replace an initializer's or a Constant node's value in place."""
+    from onnx import numpy_helper
+
+    if name in index.initializers:
+        index.initializers[name].CopyFrom(numpy_helper.from_array(value, name))
+        return
+    for attr in index.constants[name].attribute:
+        if attr.name == "value":
+            attr.t.CopyFrom(numpy_helper.from_array(value, name))
