@@ -24,7 +24,7 @@ after) in the artefact's metadata["quantization"]["checked"]:
    measured each time, until the target holds or `max_float` layers are float;
 4. the chosen layers are excluded from quantization and the model is quantized and rounded again; that model
    is kept unless the model of step 3 (their input quantizers removed, weights still int8) measures better by
-   the target. A target that still fails names the layer that blocks it.
+   the refinement metric. A target that still fails names the layer that blocks it.
 """
 
 from __future__ import annotations
@@ -422,20 +422,26 @@ def quantize_checked(
         current = trial
     if chosen_layers:
         console.print(f"quantize: {len(chosen_layers)} layer(s) kept in float for {goal.text}; quantizing again")
-        rebuilt, rebuilt_value = build(chosen_layers)
-        rebuilt_value = verdict.score(rebuilt) if verdict is not judge else rebuilt_value
-        # The re-built model re-decides rounding and recentring by the refinement metric, which can disagree
-        # with the target (YOLOv8n, positive_iou>=0.9: 0.888 with the two layers' quantizers removed, 0.765
-        # re-built); the better of the two by the target is kept.
-        if goal.better(current, rebuilt_value):
-            fallback = dataclasses.replace(result, model=_without_quantizers(result.model, tensors),
-                                           metadata=copy.deepcopy(result.metadata))
+        rebuilt, rebuilt_refined = build(chosen_layers)
+        # The re-built model (those layers excluded, rounding and recentring decided again) is kept unless the
+        # model of the fallback step (their input quantizers removed, weights still int8) measures better, by
+        # the refinement metric: a thresholded-set target decides on noise here too (YOLOv8n,
+        # positive_iou>=0.9: on the calibration crops 0.888 for the fallback step's model, 0.765 re-built; on
+        # 96 evaluation crops the re-built one is better on every measure, 0.777 against 0.729 positive IoU,
+        # scores 14.2 against 11.7 dB).
+        fallback = dataclasses.replace(result, model=_without_quantizers(result.model, tensors),
+                                       metadata=copy.deepcopy(result.metadata))
+        fallback_refined = judge.score(fallback)
+        if metric.better(fallback_refined, rebuilt_refined):
             result, value = fallback, current
-            why = (f"re-built without them measured {rebuilt_value:.4g}: kept the model with their input "
-                   "quantizers removed (their weights stay int8)")
+            why = (f"kept the model with their input quantizers removed (their weights stay int8): {metric.metric} "
+                   f"{fallback_refined:.4g}, re-built without them {rebuilt_refined:.4g}")
         else:
-            result, value = rebuilt, rebuilt_value
-            why = "re-quantized and re-rounded without them"
+            result = rebuilt
+            value = verdict.score(rebuilt) if verdict is not judge else rebuilt_refined
+            why = "re-quantized and re-rounded without them" + (
+                "" if verdict is judge else f": {metric.metric} {rebuilt_refined:.4g}, {fallback_refined:.4g} "
+                "with their input quantizers removed")
         report.decisions.append(Decision("final", f"{len(chosen_layers)} layers in float", why,
                                          report.measured, value))
     report.float_nodes = chosen_layers
