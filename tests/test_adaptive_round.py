@@ -451,3 +451,17 @@ def test_a_model_with_input_quantizers_removed_builds_with_tensorrt_rtx(tmp_path
     assert "r1" not in quantizers and "x" in quantizers
     result.save(tmp_path / "fallback.onnx")
     trt_build(tmp_path / "fallback.onnx", shape=(1, 16, 8, 8), opt=(4, 16, 8, 8), maximum=(8, 16, 8, 8))
+
+
+def test_a_saturated_set_iou_earns_a_note(setup):
+    """A map whose threshold nothing crosses measures IoU 1.0 whatever the decisions: the report says the
+    samples cannot tell them apart (PP-OCR's text map on zoo calibration crops: 0.9999)."""
+    from trtkit.plugins.qdq.target import quantize_checked
+
+    folder, model, calib, *_ = setup
+    _, report = quantize_checked(model, folder / "scales.json", calib, adaptive_round=False,
+                                 task_metrics=["map output=prob threshold=2.0"])
+    assert report.measured == 1.0
+    assert any(note.startswith("map_iou measures 1 on these 48 samples") for note in report.notes)
+    _, plain = quantize_checked(model, folder / "scales.json", calib, adaptive_round=False)
+    assert plain.metric == "sqnr" and not any("cannot tell" in note for note in plain.notes)
