@@ -143,14 +143,14 @@ def smooth(model: ModelArtifact | str | onnx.ModelProto, data: Any, alpha: float
     for site in sites:
         out = site.node.output[0]
         x = ranges[out]
-        weights = [constant_array(result, index, m.input[1]).astype(np.float64) for m in site.matmuls]
+        weights = [_constant(result, index, m.input[1]) for m in site.matmuls]
         w = np.max([np.abs(weight).max(axis=1) for weight in weights], axis=0)
         tiny = np.finfo(np.float32).tiny
         scale = np.maximum(x, tiny) ** alpha / np.maximum(w, tiny) ** (1.0 - alpha)
         scale = np.clip(scale / np.exp(np.mean(np.log(scale))), 1.0 / max_scale, max_scale)
         for slot in (1, 2):
             name = site.node.input[slot]
-            value = constant_array(result, index, name).astype(np.float64)
+            value = _constant(result, index, name)
             _set_constant(index, name, (value / scale).astype(np.float32))
         for matmul, weight in zip(site.matmuls, weights, strict=True):
             _set_constant(index, matmul.input[1], (weight * scale[:, None]).astype(np.float32))
@@ -180,6 +180,15 @@ def smooth(model: ModelArtifact | str | onnx.ModelProto, data: Any, alpha: float
         report.sqnr_db = min(sqnr_db(a, b) for a, b in zip(before, now, strict=True))
     result.metadata.setdefault("ptq", {})["smooth"] = report.as_dict()
     return result, report
+
+
+def _constant(artifact: ModelArtifact, index: GraphIndex, name: str) -> np.ndarray:
+    """A constant `_sites` checked to exist, as float64."""
+    import numpy as np
+
+    value = constant_array(artifact, index, name)
+    assert value is not None, name
+    return value.astype(np.float64)
 
 
 def _set_constant(index: GraphIndex, name: str, value: np.ndarray) -> None:
