@@ -76,6 +76,12 @@ def _sites(artifact: ModelArtifact, index: GraphIndex, report: SmoothReport) -> 
         if len(node.input) < 3 or not all(index.is_constant(t) and len(index.consumers.get(t, [])) == 1
                                           for t in node.input[1:3]):
             reasons.append("gamma/beta are not constants of its own")
+            channels = None
+        else:
+            shapes = {constant_array(artifact, index, t).shape for t in node.input[1:3]}  # type: ignore[union-attr]
+            channels = next(iter(shapes))[0] if len(shapes) == 1 and len(next(iter(shapes))) == 1 else None
+            if channels is None:
+                reasons.append("gamma/beta are not vectors of one length")
         if out in index.outputs:
             reasons.append("its output is a graph output")
         matmuls, adds = [], []
@@ -84,8 +90,10 @@ def _sites(artifact: ModelArtifact, index: GraphIndex, report: SmoothReport) -> 
                 reasons.append(f"read by {reader.op_type} '{reader.name}'")
             elif reader.op_type == "MatMul":
                 weight = constant_array(artifact, index, reader.input[1])
-                if slot != 0 or weight is None or weight.ndim != 2 or len(index.consumers[reader.input[1]]) != 1:
-                    reasons.append(f"MatMul '{reader.name}' has no constant 2-D weight of its own")
+                if (slot != 0 or weight is None or weight.ndim != 2 or weight.shape[0] != channels
+                        or len(index.consumers[reader.input[1]]) != 1):
+                    reasons.append(f"MatMul '{reader.name}' has no constant 2-D weight of its own, one row per "
+                                   "channel")
                 matmuls.append(reader)
             elif reader.op_type == "Add":
                 adds.append((reader, slot))
