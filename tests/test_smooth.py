@@ -115,3 +115,17 @@ def test_quantize_with_data_decides_on_smoothing(tmp_path):
     assert any(n.op_type == "Mul" for n in result.model.graph.node)  # built from the smoothed model
     _, off = quantize_checked(path, scales, calib, adaptive_round=False, smooth=False)
     assert not any(d.action == "smooth" for d in off.decisions)
+
+
+def test_cli_quantize_smooth_flag(tmp_path):
+    import json
+
+    path = block_model(tmp_path / "block.onnx")
+    np.save(tmp_path / "calib.npy", _data(1))
+    actions = {}
+    for flag in ("--smooth", "--no-smooth"):
+        result = run_cli("quantize", str(path), "--data", str(tmp_path / "calib.npy"), "--nearest-round", flag,
+                         "-o", str(tmp_path / f"q{flag}.onnx"), "--json")
+        assert result.returncode == 0, result.stderr
+        actions[flag] = [d["action"] for d in json.loads(result.stdout)["checked"]["decisions"]]
+    assert "smooth" in actions["--smooth"] and "smooth" not in actions["--no-smooth"]
