@@ -53,6 +53,19 @@ def set_initializer(index: GraphIndex, name: str, value: np.ndarray) -> None:
     index.initializers[name].CopyFrom(numpy_helper.from_array(value, name))
 
 
+def set_constant(index: GraphIndex, name: str, value: np.ndarray) -> None:
+    """Replace the value of an initializer or of a Constant node's output in place (what `constant_array`
+    reads)."""
+    from onnx import numpy_helper
+
+    if name in index.initializers:
+        set_initializer(index, name, value)
+        return
+    for attr in index.constants[name].attribute:
+        if attr.name == "value":
+            attr.t.CopyFrom(numpy_helper.from_array(value, name))
+
+
 def add_initializer(index: GraphIndex, base: str, value: np.ndarray) -> str:
     """Add an initializer under a fresh name derived from `base`; returns the name."""
     from onnx import numpy_helper

@@ -27,7 +27,7 @@ from trtkit.errors import InputFileError, OptionError
 from trtkit.graph import GraphIndex
 from trtkit.model import as_artifact
 
-from .common import add_initializer, attribute, constant_array, has_qdq
+from .common import add_initializer, attribute, constant_array, has_qdq, set_constant
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,7 +41,9 @@ SMOOTH_READERS = ("MatMul", "Add", "Shape")  # readers a smoothed LayerNorm outp
 @dataclass
 class _Site:
     node: onnx.NodeProto
-    matmuls: list[onnx.NodeProto]
+    gamma: np.ndarray
+    beta: np.ndarray
+    matmuls: list[tuple[onnx.NodeProto, np.ndarray]]  # reader, its weight [channels, outputs]
     adds: list[tuple[onnx.NodeProto, int]]
 
 
@@ -73,15 +75,16 @@ def _sites(artifact: ModelArtifact, index: GraphIndex, report: SmoothReport) -> 
         reasons = []
         if attribute(node, "axis", -1) != -1:
             reasons.append("normalizes another axis than the last")
-        if len(node.input) < 3 or not all(index.is_constant(t) and len(index.consumers.get(t, [])) == 1
-                                          for t in node.input[1:3]):
+        affine = [constant_array(artifact, index, t) if len(index.consumers.get(t, [])) == 1 else None
+                  for t in node.input[1:3]]
+        gamma, beta = (affine + [None, None])[:2]
+        channels = None
+        if gamma is None or beta is None:
             reasons.append("gamma/beta are not constants of its own")
-            channels = None
+        elif gamma.ndim != 1 or gamma.shape != beta.shape:
+            reasons.append("gamma/beta are not vectors of one length")
         else:
-            shapes = {constant_array(artifact, index, t).shape for t in node.input[1:3]}  # type: ignore[union-attr]
-            channels = next(iter(shapes))[0] if len(shapes) == 1 and len(next(iter(shapes))) == 1 else None
-            if channels is None:
-                reasons.append("gamma/beta are not vectors of one length")
+            channels = gamma.shape[0]
         if out in index.outputs:
             reasons.append("its output is a graph output")
         matmuls, adds = [], []
@@ -94,15 +97,16 @@ def _sites(artifact: ModelArtifact, index: GraphIndex, report: SmoothReport) -> 
                         or len(index.consumers[reader.input[1]]) != 1):
                     reasons.append(f"MatMul '{reader.name}' has no constant 2-D weight of its own, one row per "
                                    "channel")
-                matmuls.append(reader)
+                else:
+                    matmuls.append((reader, weight))
             elif reader.op_type == "Add":
                 adds.append((reader, slot))
         if not matmuls:
             reasons.append("no MatMul reads it")
-        if reasons:
+        if reasons or gamma is None or beta is None:
             report.skipped[name] = reasons[0]
             continue
-        sites.append(_Site(node, matmuls, adds))
+        sites.append(_Site(node, gamma, beta, matmuls, adds))
     return sites
 
 
@@ -151,17 +155,14 @@ def smooth(model: ModelArtifact | str | onnx.ModelProto, data: Any, alpha: float
     for site in sites:
         out = site.node.output[0]
         x = ranges[out]
-        weights = [_constant(result, index, m.input[1]) for m in site.matmuls]
-        w = np.max([np.abs(weight).max(axis=1) for weight in weights], axis=0)
+        w = np.max([np.abs(weight).max(axis=1) for _, weight in site.matmuls], axis=0)
         tiny = np.finfo(np.float32).tiny
         scale = np.maximum(x, tiny) ** alpha / np.maximum(w, tiny) ** (1.0 - alpha)
         scale = np.clip(scale / np.exp(np.mean(np.log(scale))), 1.0 / max_scale, max_scale)
-        for slot in (1, 2):
-            name = site.node.input[slot]
-            value = _constant(result, index, name)
-            _set_constant(index, name, (value / scale).astype(np.float32))
-        for matmul, weight in zip(site.matmuls, weights, strict=True):
-            _set_constant(index, matmul.input[1], (weight * scale[:, None]).astype(np.float32))
+        for name, value in zip(site.node.input[1:3], (site.gamma, site.beta), strict=True):
+            set_constant(index, name, (value.astype(np.float64) / scale).astype(np.float32))
+        for matmul, weight in site.matmuls:
+            set_constant(index, matmul.input[1], (weight.astype(np.float64) * scale[:, None]).astype(np.float32))
         restored = None
         if site.adds:
             scale_name = add_initializer(index, f"{out}_smooth_scale", scale.astype(np.float32))
@@ -172,7 +173,7 @@ def smooth(model: ModelArtifact | str | onnx.ModelProto, data: Any, alpha: float
                 add.input[slot] = restored
         report.layers.append({"node": site.node.name, "tensor": out, "restored": restored, "channels": int(x.size),
                               "spread_before": round(float(x.max() / max(np.median(x), tiny)), 2),
-                              "readers": [m.name for m in site.matmuls] + [a.name for a, _ in site.adds]})
+                              "readers": [m.name for m, _ in site.matmuls] + [a.name for a, _ in site.adds]})
     if after:
         nodes = list(result.model.graph.node)
         ordered = [n for i, node in enumerate(nodes) for n in [node, *after.get(i, [])]]
@@ -188,24 +189,3 @@ def smooth(model: ModelArtifact | str | onnx.ModelProto, data: Any, alpha: float
         report.sqnr_db = min(sqnr_db(a, b) for a, b in zip(before, now, strict=True))
     result.metadata.setdefault("ptq", {})["smooth"] = report.as_dict()
     return result, report
-
-
-def _constant(artifact: ModelArtifact, index: GraphIndex, name: str) -> np.ndarray:
-    """A constant `_sites` checked to exist, as float64."""
-    import numpy as np
-
-    value = constant_array(artifact, index, name)
-    assert value is not None, name
-    return value.astype(np.float64)
-
-
-def _set_constant(index: GraphIndex, name: str, value: np.ndarray) -> None:
-    """Replace an initializer's or a Constant node's value in place."""
-    from onnx import numpy_helper
-
-    if name in index.initializers:
-        index.initializers[name].CopyFrom(numpy_helper.from_array(value, name))
-        return
-    for attr in index.constants[name].attribute:
-        if attr.name == "value":
-            attr.t.CopyFrom(numpy_helper.from_array(value, name))

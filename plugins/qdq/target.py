@@ -138,7 +138,7 @@ class _Judge:
 
 @dataclass
 class Decision:
-    action: str          # "range-blend", "range-search", "range", "adaptive-round", "recenter", "float", "final"
+    action: str  # "smooth", "range-blend", "range-search", "range", "adaptive-round", "recenter", "float", "final"
     what: str
     why: str
     before: float | None
@@ -262,6 +262,7 @@ def _named(source: ModelArtifact, scales: Any) -> tuple[ModelArtifact, Any]:
     """(`source`, `scales`), or a copy of `source` whose unnamed nodes are named `OPTYPE_INDEX` (the placement's
     name for them) with the scales' model fingerprint moved to it: the float fallback excludes layers by name,
     so a model without node names (onnx.helper, some exporters) could otherwise keep no layer in float."""
+    from trtkit.graph import unique_name
     from trtkit.scales import as_scales, model_fingerprint
 
     nodes = source.model.graph.node
@@ -271,15 +272,11 @@ def _named(source: ModelArtifact, scales: Any) -> tuple[ModelArtifact, Any]:
     taken = {node.name for node in nodes if node.name}
     for index, node in enumerate(named.model.graph.node):
         if not node.name:
-            name = f"{node.op_type}_{index}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
+            node.name = unique_name(f"{node.op_type}_{index}", taken)
+            taken.add(node.name)
     given = as_scales(scales)
     if given.model.get("sha256") == model_fingerprint(source.model):
-        given = _rescaled(given, dict(given.items()), (), "")
-        given.model["sha256"] = model_fingerprint(named.model)
+        given = _rescaled(given, dict(given.items()), (), given.method, model=named)
     return named, given
 
 
@@ -479,14 +476,18 @@ def _full_ranges(given: Any) -> dict[str, float]:
             for name, st in given.stats.items() if name in given}
 
 
-def _rescaled(given: Any, amax: Mapping[str, float], changed: Iterable[str], source_label: str) -> Any:
-    """`given` Scales with the ranges `amax`; the tensors `changed` are recorded as coming from `source_label`."""
-    from trtkit.scales import Scales
+def _rescaled(given: Any, amax: Mapping[str, float], changed: Iterable[str], source_label: str,
+              stats: Mapping[str, Any] | None = None, model: ModelArtifact | None = None) -> Any:
+    """`given` Scales with the ranges `amax`; the tensors `changed` are recorded as coming from `source_label`.
+    stats: the statistics to keep instead of `given`'s; model: the model they now belong to (its fingerprint
+    replaces `given`'s, so quantizing that model does not warn of another graph)."""
+    from trtkit.scales import Scales, model_fingerprint
 
     changed = set(changed)
     sources = {name: (source_label if name in changed else given.sources.get(name, given.method)) for name in amax}
-    return Scales(dict(amax), method=given.method, options=given.options, model=given.model, data=given.data,
-                  sources=sources, stats=given.stats)
+    info = given.model if model is None else {**given.model, "sha256": model_fingerprint(model.model)}
+    return Scales(dict(amax), method=given.method, options=given.options, model=info, data=given.data,
+                  sources=sources, stats=given.stats if stats is None else stats)
 
 
 def _smooth(source: ModelArtifact, scales: Any, data: Any, fit: Mapping[str, np.ndarray], held: _Judge,
@@ -498,7 +499,7 @@ def _smooth(source: ModelArtifact, scales: Any, data: Any, fit: Mapping[str, np.
     from trtkit.calibration import calibrate, find_calibrator
     from trtkit.errors import UnknownNameError
     from trtkit.plugins.ptq.smooth import smooth
-    from trtkit.scales import Scales, as_scales, model_fingerprint
+    from trtkit.scales import as_scales
 
     from .insert import quantize
 
@@ -521,10 +522,7 @@ def _smooth(source: ModelArtifact, scales: Any, data: Any, fit: Mapping[str, np.
             amax[layer["restored"]] = given[layer["tensor"]]
             stats[layer["restored"]] = given.stats.get(layer["tensor"], {})
     changed = [name for layer in smoothing.layers for name in (layer["tensor"], layer["restored"]) if name]
-    model = {**given.model, "sha256": model_fingerprint(smoothed.model)}
-    candidate = Scales(amax, method=given.method, options=given.options, model=model, data=given.data,
-                       sources={n: ("smooth" if n in changed else given.sources.get(n, given.method)) for n in amax},
-                       stats=stats)
+    candidate = _rescaled(given, amax, changed, "smooth", stats=stats, model=smoothed)
     before = held.score(quantize(source, given, exclude=exclude, **options))
     after = held.score(quantize(smoothed, candidate, exclude=exclude, strict_names=False, **options))
     keep = held.metric.better(after, before)
