@@ -143,8 +143,8 @@ def test_cli_quantize_with_data_rounds_and_reports(setup, tmp_path):
     assert checked["target"] is None and checked["check_samples"] == 12 and checked["round_samples"] == 36
     assert checked["samples"] == 48
     actions = [d["action"] for d in checked["decisions"]]
-    assert "adaptive-round" in actions and set(actions) <= {"range-blend", "range-search", "range", "adaptive-round",
-                                                            "recenter"}
+    assert "adaptive-round" in actions and set(actions) <= {"smooth", "range-blend", "range-search", "range",
+                                                            "adaptive-round", "recenter"}
     for decision in checked["decisions"]:
         if decision["action"] == "range":  # kept only where the held-out metric improved
             assert decision["after"] > decision["before"]

@@ -44,7 +44,7 @@ def quantize_command(
     task_metric: TaskMetricFlag = None,
     adaptive_round: Annotated[bool, typer.Option("--adaptive-round/--nearest-round", help="With --data: choose int8 weights against each layer's output (kept only when it measures better).")] = True,
     recenter: Annotated[bool, typer.Option("--recenter/--no-recenter", help="With --data: shift ReLU/ReLU6 outputs onto [-amax/2, amax/2], half the int8 step (kept only when it measures better).")] = True,
-    smooth: Annotated[bool, typer.Option("--smooth/--no-smooth", help="With --data: move LayerNorm output ranges into the weights of the MatMuls reading them (kept only when it measures better).")] = True,
+    smooth: Annotated[bool, typer.Option("--smooth/--no-smooth", help="With --data: move LayerNorm output and depthwise Conv input ranges into the weights reading them (kept only when it measures better).")] = True,
     max_float: Annotated[int | None, typer.Option("--max-float", help="With --target: at most this many layers in float (default: a quarter of them).")] = None,
     workers: WorkersFlag = None,
     ray_address: RayAddressFlag = None,

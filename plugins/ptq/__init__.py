@@ -44,14 +44,16 @@ def _equalize(artifact: ModelArtifact, iterations: int = 20, max_scale: float = 
 
 def _smooth(artifact: ModelArtifact, data: str = "", alpha: float = 1.0, limit: int = 256, batch_size: int = 32,
             verify: bool = True) -> ModelArtifact:
-    """LayerNorm output ranges moved into the weights of the MatMuls reading them (FP32, exact)."""
+    """LayerNorm output and depthwise Conv input ranges moved into the weights reading them (FP32, exact)."""
     from trtkit.ui import console
 
     from .smooth import smooth
 
     result, report = smooth(artifact, data, alpha=alpha, limit=limit, batch_size=batch_size, verify=verify)
     check = "" if report.sqnr_db is None else f"; outputs {report.sqnr_db:.0f} dB from the input model's"
-    console.print(f"smooth: {len(report.layers)} LayerNorm outputs on {report.samples} samples (alpha {alpha:g})"
+    kinds = [layer["kind"] for layer in report.layers]
+    console.print(f"smooth: {kinds.count('layernorm')} LayerNorm outputs and {kinds.count('depthwise')} depthwise Conv "
+                  f"inputs on {report.samples} samples (alpha {alpha:g})"
                   f"{check}; {len(report.skipped)} left (see metadata ptq.smooth)")
     return result
 
@@ -138,7 +140,8 @@ def register_passes(register: Any) -> None:
     ))
     register(GraphPass(
         name="smooth",
-        description="LayerNorm output ranges moved into the reading MatMuls' weights (FP32, exact; SmoothQuant).",
+        description="LayerNorm output and depthwise Conv input ranges moved into the weights reading them (FP32, "
+                    "exact; SmoothQuant).",
         options={
             "data": Option("path", required=True, help="calibration data (anything `trtkit calibrate` reads)"),
             "alpha": Option("float", 1.0, "migration strength: 1 evens the activation's channels, 0 the weights'"),

@@ -1,5 +1,6 @@
 """The `smooth` pass: the per-channel ranges of LayerNorm outputs moved into the weights of the MatMuls that read
-them (SmoothQuant's migration, Xiao et al. 2023), on the FP32 model before calibration. Exact in float.
+them (SmoothQuant's migration, Xiao et al. 2023), and those of depthwise Conv inputs into the depthwise filters,
+on the FP32 model before calibration. Exact in float.
 
 A LayerNorm's output often has channels whose range is many times the others' (its learnt gamma): one
 per-tensor int8 scale then leaves most channels a few levels. With s per channel, gamma / s and beta / s in the
@@ -16,6 +17,15 @@ nearest rounding): output SQNR 11.1 -> 16.7 dB at alpha = 1 (alpha 0.5: 10.4, 0.
 
 A LayerNorm is smoothed only when every reader of its output is a MatMul with a constant 2-D weight read by
 nobody else, a residual Add, or a Shape; its gamma and beta must be constants read by it alone.
+
+The input of a depthwise Conv (one input channel per group) is evened the same way, s_c = max|x_c|^alpha: the
+Conv reads it through an inserted Mul by 1/s, and the filters of channel c are multiplied by s_c. Those weights
+are quantized per output channel, so the weights lose nothing and the activation's channels share one range.
+Other readers of the tensor keep the original. TensorRT fuses the per-channel Mul into the producer's pointwise
+chain. MobileNet-style blocks need it: the PP-OCRv4 text detector's (PP-LCNetV3) depthwise inputs span 1 to 38
+per channel; evening its 11 depthwise inputs lifted its map from 8.8 to 12.0 dB, pixel IoU 0.862 -> 0.920
+(48 real calibration crops, 48 evaluation crops, percentile scales, nearest rounding). Evening the inputs of
+ordinary Convs too made it worse (7.4 dB): their weights, quantized per output channel, take the spread.
 """
 
 from __future__ import annotations
@@ -48,16 +58,22 @@ class _Site:
 
 
 @dataclass
+class _DepthwiseSite:
+    tensor: str  # the activation read by the depthwise Convs, channel axis 1
+    convs: list[tuple[onnx.NodeProto, np.ndarray]]  # reader, its weight [channels * multiplier, 1, ...]
+
+
+@dataclass
 class SmoothReport:
-    layers: list[dict[str, Any]] = field(default_factory=list)  # node, channels, spread before, readers
-    skipped: dict[str, str] = field(default_factory=dict)  # LayerNorm -> why not
+    layers: list[dict[str, Any]] = field(default_factory=list)  # kind, node, tensor, channels, spread, readers
+    skipped: dict[str, str] = field(default_factory=dict)  # LayerNorm or depthwise Conv -> why not
     samples: int = 0
     alpha: float = 1.0
     sqnr_db: float | None = None  # outputs of the smoothed model against the input model (float check)
 
     @property
     def tensors(self) -> list[str]:
-        """The activations whose values changed (the smoothed LayerNorm outputs)."""
+        """The activations whose values changed (LayerNorm outputs, the depthwise Convs' new inputs)."""
         return [layer["tensor"] for layer in self.layers]
 
     def as_dict(self) -> dict[str, Any]:
@@ -110,29 +126,51 @@ def _sites(artifact: ModelArtifact, index: GraphIndex, report: SmoothReport) -> 
     return sites
 
 
-def _channel_ranges(artifact: ModelArtifact, tensors: list[str], data: Any, limit: int,
+def _depthwise_sites(artifact: ModelArtifact, index: GraphIndex, report: SmoothReport) -> list[_DepthwiseSite]:
+    """The activations read (as data input) by depthwise Convs with constant weights of their own."""
+    found: dict[str, list[tuple[onnx.NodeProto, np.ndarray]]] = {}
+    for node in artifact.model.graph.node:
+        group = attribute(node, "group", 1)
+        if node.op_type != "Conv" or group == 1 or not index.is_activation(node.input[0]):
+            continue
+        weight = constant_array(artifact, index, node.input[1])
+        if weight is None or weight.ndim < 3 or weight.shape[1] != 1 or weight.shape[0] % group:
+            continue  # not depthwise (or weights computed in the graph)
+        if not index.single_use(node.input[1]):
+            report.skipped[node.name or node.output[0]] = "its weight is shared with another node"
+            continue
+        found.setdefault(node.input[0], []).append((node, weight))
+    return [_DepthwiseSite(tensor, convs) for tensor, convs in found.items()
+            if len({attribute(conv, "group", 1) for conv, _ in convs}) == 1]
+
+
+def _channel_ranges(artifact: ModelArtifact, tensors: dict[str, int], data: Any, limit: int,
                     batch_size: int) -> tuple[dict[str, np.ndarray], int]:
-    """max |x| per last-axis channel of each tensor over the data, and the number of samples read."""
+    """max |x| per channel (tensor -> its channel axis) of each tensor over the data, and the samples read."""
     import numpy as np
 
     from trtkit.data import batch_len, load_data
     from trtkit.runtime import session
 
-    sess = session(artifact, emulate_qdq=False, extra_outputs=tensors)
+    names = list(tensors)
+    sess = session(artifact, emulate_qdq=False, extra_outputs=names)
     ranges: dict[str, np.ndarray] = {}
     samples = 0
     for feeds in load_data(data, artifact.model, batch_size=batch_size, limit=limit).batches():
         samples += batch_len(feeds)
-        for name, value in zip(tensors, sess.run(tensors, feeds), strict=True):
-            peak = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0).astype(np.float64)
+        for name, value in zip(names, sess.run(names, feeds), strict=True):
+            axis = tensors[name]
+            peak = np.abs(value).max(axis=tuple(a for a in range(value.ndim) if a != axis % value.ndim))
+            peak = peak.astype(np.float64)
             ranges[name] = np.maximum(ranges[name], peak) if name in ranges else peak
     return ranges, samples
 
 
 def smooth(model: ModelArtifact | str | onnx.ModelProto, data: Any, alpha: float = 1.0, limit: int = 256,
            batch_size: int = 32, max_scale: float = 1e3, verify: bool = True) -> tuple[ModelArtifact, SmoothReport]:
-    """Smooth every eligible LayerNorm of an FP32 model (see the module doc) with channel ranges measured on
-    `data`. Returns (new artefact, report); the input is not modified. Calibrate the result afterwards."""
+    """Smooth every eligible LayerNorm output and depthwise Conv input of an FP32 model (see the module doc)
+    with channel ranges measured on `data`. Returns (new artefact, report); the input is not modified.
+    Calibrate the result afterwards."""
     import numpy as np
     from onnx import helper
 
@@ -147,18 +185,24 @@ def smooth(model: ModelArtifact | str | onnx.ModelProto, data: Any, alpha: float
     result = source.copy()
     index = GraphIndex(result.model.graph)
     sites = _sites(result, index, report)
-    if not sites:
+    smoothed = {s.node.output[0] for s in sites}
+    depthwise = [s for s in _depthwise_sites(result, index, report) if s.tensor not in smoothed]
+    if not sites and not depthwise:
         return result, report
-    ranges, report.samples = _channel_ranges(source, [s.node.output[0] for s in sites], data, limit, batch_size)
-    after: dict[int, list[onnx.NodeProto]] = {}  # LayerNorm position -> Mul nodes to insert after it
+    axes = {**{s.node.output[0]: -1 for s in sites}, **{s.tensor: 1 for s in depthwise}}
+    ranges, report.samples = _channel_ranges(source, axes, data, limit, batch_size)
+    after: dict[int, list[onnx.NodeProto]] = {}  # producer position (-1: graph input) -> Mul nodes to insert after it
     positions = {id(node): i for i, node in enumerate(result.model.graph.node)}
+    tiny = np.finfo(np.float32).tiny
+
+    def normalised(scale: np.ndarray) -> np.ndarray:
+        return np.clip(scale / np.exp(np.mean(np.log(scale))), 1.0 / max_scale, max_scale)
+
     for site in sites:
         out = site.node.output[0]
         x = ranges[out]
         w = np.max([np.abs(weight).max(axis=1) for _, weight in site.matmuls], axis=0)
-        tiny = np.finfo(np.float32).tiny
-        scale = np.maximum(x, tiny) ** alpha / np.maximum(w, tiny) ** (1.0 - alpha)
-        scale = np.clip(scale / np.exp(np.mean(np.log(scale))), 1.0 / max_scale, max_scale)
+        scale = normalised(np.maximum(x, tiny) ** alpha / np.maximum(w, tiny) ** (1.0 - alpha))
         for name, value in zip(site.node.input[1:3], (site.gamma, site.beta), strict=True):
             set_constant(index, name, (value.astype(np.float64) / scale).astype(np.float32))
         for matmul, weight in site.matmuls:
@@ -171,12 +215,33 @@ def smooth(model: ModelArtifact | str | onnx.ModelProto, data: Any, alpha: float
                 "Mul", [out, scale_name], [restored], name=index.fresh_name(f"{site.node.name or out}_unsmooth")))
             for add, slot in site.adds:
                 add.input[slot] = restored
-        report.layers.append({"node": site.node.name, "tensor": out, "restored": restored, "channels": int(x.size),
-                              "spread_before": round(float(x.max() / max(np.median(x), tiny)), 2),
+        report.layers.append({"kind": "layernorm", "node": site.node.name, "tensor": out, "restored": restored,
+                              "channels": int(x.size), "spread_before": round(float(x.max() / max(np.median(x), tiny)), 2),
                               "readers": [m.name for m, _ in site.matmuls] + [a.name for a, _ in site.adds]})
+    for dw in depthwise:
+        x = ranges[dw.tensor]
+        if x.size != attribute(dw.convs[0][0], "group", 1):
+            report.skipped[dw.convs[0][0].name or dw.tensor] = f"its input has {x.size} channels on axis 1, not one per group"
+            continue
+        scale = normalised(np.maximum(x, tiny) ** alpha)  # per-output-channel weight scales absorb s exactly
+        for conv, weight in dw.convs:
+            shape = (x.size, -1) + (1,) * (weight.ndim - 1)
+            scaled = weight.astype(np.float64).reshape(x.size, -1, *weight.shape[1:]) * scale.reshape(shape)
+            set_constant(index, conv.input[1], scaled.reshape(weight.shape).astype(np.float32))
+        inverse = (1.0 / scale).astype(np.float32).reshape((x.size,) + (1,) * (dw.convs[0][1].ndim - 2))
+        scale_name = add_initializer(index, f"{dw.tensor}_smooth_inverse", inverse)
+        evened = index.fresh_name(f"{dw.tensor}_smoothed")
+        mul = helper.make_node("Mul", [dw.tensor, scale_name], [evened], name=index.fresh_name(f"{dw.tensor}_smooth"))
+        producer = index.producer.get(dw.tensor)
+        after.setdefault(-1 if producer is None else positions[id(producer)], []).append(mul)
+        for conv, _ in dw.convs:
+            conv.input[0] = evened
+        report.layers.append({"kind": "depthwise", "node": mul.name, "tensor": evened, "restored": None,
+                              "channels": int(x.size), "spread_before": round(float(x.max() / max(np.median(x), tiny)), 2),
+                              "readers": [conv.name for conv, _ in dw.convs]})
     if after:
         nodes = list(result.model.graph.node)
-        ordered = [n for i, node in enumerate(nodes) for n in [node, *after.get(i, [])]]
+        ordered = after.get(-1, []) + [n for i, node in enumerate(nodes) for n in [node, *after.get(i, [])]]
         del result.model.graph.node[:]
         result.model.graph.node.extend(ordered)
     if verify:

@@ -74,7 +74,7 @@ def register_builders(register: Any) -> None:
             "data": Option("path", None, "calibration data: refine by adaptive rounding, check on held-out samples"),
             "adaptive_round": Option("bool", True, "with data: int8 weights chosen against each layer's output"),
             "recenter": Option("bool", True, "with data: ReLU/ReLU6 outputs shifted onto [-amax/2, amax/2]"),
-            "smooth": Option("bool", True, "with data: LayerNorm output ranges moved into the reading MatMuls"),
+            "smooth": Option("bool", True, "with data: LayerNorm output and depthwise Conv input ranges moved into the weights"),
             "target": Option("str", None, "with data: accuracy to reach, e.g. 'sqnr>=20' (float fallback)"),
             "task_metrics": Option("list", [], "task metric specs the target may name (see `trtkit eval`)"),
             "max_float": Option("int", None, "with a target: at most this many layers in float"),

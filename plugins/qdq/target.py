@@ -13,7 +13,8 @@ at most `check_samples`). Judging on all samples gives a detection metric four t
 0.86 on all and 0.71 on the evaluation crops). Each decision is recorded (what, why, the metric before and
 after) in the artefact's metadata["quantization"]["checked"]:
 
-0. LayerNorm smoothing (plugins/ptq/smooth.py), where LayerNorms feed MatMuls, kept only if it measures better;
+0. Smoothing (plugins/ptq/smooth.py) of LayerNorm outputs read by MatMuls and of depthwise Conv inputs, kept
+   only if it measures better;
 1. ranges: every clipped range moved toward its full observed range by one common step; per activation read
    by Conv/Gemm/MatMul, the range with the least error at those layers' outputs (plugins/qdq/range_search.py);
    then per tensor still clipped, the full observed range where it measures better;
@@ -306,7 +307,8 @@ def quantize_checked(
     choose_ranges: per tensor, keep the calibrator's range or the full observed range, whichever measures better.
     recenter: shift ReLU/ReLU6 activations between linear layers onto [-amax/2, amax/2] (plugins/ptq/recenter.py)
       where that measures better.
-    smooth: move LayerNorm output ranges into the weights of the MatMuls reading them (plugins/ptq/smooth.py)
+    smooth: move LayerNorm output and depthwise Conv input ranges into the weights reading them
+        (plugins/ptq/smooth.py)
       where that measures better.
     """
     import numpy as np
@@ -492,7 +494,8 @@ def _rescaled(given: Any, amax: Mapping[str, float], changed: Iterable[str], sou
 
 def _smooth(source: ModelArtifact, scales: Any, data: Any, fit: Mapping[str, np.ndarray], held: _Judge,
             exclude: list[str], options: Mapping[str, Any], report: TargetReport) -> tuple[ModelArtifact, Any]:
-    """The FP32 model with its LayerNorm outputs smoothed (plugins/ptq/smooth.py, channel ranges from the `fit`
+    """The FP32 model with its LayerNorm outputs and depthwise Conv inputs smoothed (plugins/ptq/smooth.py, channel
+    ranges from the `fit`
     samples) and those tensors calibrated again with the scales' own calibrator on `data`, where that measures
     better on the held-out samples. A residual Add's restored input gets the original output's range (same
     values). Returns (the FP32 model to quantize, its scales)."""
@@ -510,7 +513,7 @@ def _smooth(source: ModelArtifact, scales: Any, data: Any, fit: Mapping[str, np.
     try:
         find_calibrator(given.method)
     except UnknownNameError:
-        report.notes.append(f"LayerNorm smoothing not tried: the scales come from '{given.method}', not a "
+        report.notes.append(f"smoothing not tried: the scales come from '{given.method}', not a "
                             "calibrator that can measure the smoothed tensors")
         return source, scales
     fresh = calibrate(smoothed, data, method=given.method, options=given.options, tensors=smoothing.tensors,
@@ -527,11 +530,18 @@ def _smooth(source: ModelArtifact, scales: Any, data: Any, fit: Mapping[str, np.
     after = held.score(quantize(smoothed, candidate, exclude=exclude, strict_names=False, **options))
     keep = held.metric.better(after, before)
     report.decisions.append(Decision(
-        "smooth", f"{len(smoothing.layers)} LayerNorm outputs",
-        ("kept" if keep else "dropped") + ": channel ranges moved into the reading MatMuls' weights (exact in "
+        "smooth", _smooth_subject(smoothing.layers),
+        ("kept" if keep else "dropped") + ": channel ranges moved into the weights reading them (exact in "
         f"float); judged on the {held.samples} samples held out from the fit" + ("" if keep else ", not better"),
         before, after))
     return (smoothed, candidate) if keep else (source, scales)
+
+
+def _smooth_subject(layers: list[dict[str, Any]]) -> str:
+    kinds = [layer["kind"] for layer in layers]
+    parts = [f"{kinds.count(kind)} {label}" for kind, label in (("layernorm", "LayerNorm outputs"),
+                                                                ("depthwise", "depthwise Conv inputs")) if kind in kinds]
+    return ", ".join(parts)
 
 
 def _blend_ranges(source: ModelArtifact, scales: Any, judge: _Judge, exclude: list[str],
