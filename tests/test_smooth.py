@@ -136,6 +136,17 @@ def test_smooth_evens_depthwise_inputs_exactly_and_helps_int8(tmp_path):
     assert sqnr_db(reference, _run(smoothed, held)) > sqnr_db(reference, _run(plain, held)) + 1
 
 
+def test_smoothed_depthwise_qdq_builds_with_tensorrt_rtx(tmp_path):
+    """The per-channel Mul between the producer and the depthwise Conv's Q/DQ is something TensorRT parses and
+    builds (it fuses the Mul into the producer's pointwise chain)."""
+    from test_qdq import trt_build
+
+    calib = _images(1)
+    result, _ = smooth(depthwise_model(tmp_path / "mb.onnx"), calib)
+    trtkit.quantize(result, trtkit.calibrate(result, calib, progress=False)).save(tmp_path / "smoothed.onnx")
+    trt_build(tmp_path / "smoothed.onnx", shape=(1, 4, 12, 12), opt=(4, 4, 12, 12), maximum=(8, 4, 12, 12))
+
+
 def test_smooth_skips_a_depthwise_conv_with_a_shared_weight(tmp_path):
     path = depthwise_model(tmp_path / "mb.onnx", shared_weight=True)
     result, report = smooth(path, _images(1))
