@@ -49,7 +49,7 @@ SMOOTH_READERS = ("MatMul", "Add", "Shape")  # readers a smoothed LayerNorm outp
 
 
 @dataclass
-class _Site:
+class _LayerNormSite:
     node: onnx.NodeProto
     gamma: np.ndarray
     beta: np.ndarray
@@ -82,7 +82,7 @@ class SmoothReport:
                 "sqnr_db": None if self.sqnr_db is None else round(self.sqnr_db, 1)}
 
 
-def _sites(artifact: ModelArtifact, index: GraphIndex, report: SmoothReport) -> list[_Site]:
+def _layernorm_sites(artifact: ModelArtifact, index: GraphIndex, report: SmoothReport) -> list[_LayerNormSite]:
     sites = []
     for node in artifact.model.graph.node:
         if node.op_type != "LayerNormalization":
@@ -122,7 +122,7 @@ def _sites(artifact: ModelArtifact, index: GraphIndex, report: SmoothReport) -> 
         if reasons or gamma is None or beta is None:
             report.skipped[name] = reasons[0]
             continue
-        sites.append(_Site(node, gamma, beta, matmuls, adds))
+        sites.append(_LayerNormSite(node, gamma, beta, matmuls, adds))
     return sites
 
 
@@ -184,7 +184,7 @@ def smooth(model: ModelArtifact | str | onnx.ModelProto, data: Any, alpha: float
     report = SmoothReport(alpha=alpha)
     result = source.copy()
     index = GraphIndex(result.model.graph)
-    sites = _sites(result, index, report)
+    sites = _layernorm_sites(result, index, report)
     smoothed = {s.node.output[0] for s in sites}
     depthwise = [s for s in _depthwise_sites(result, index, report) if s.tensor not in smoothed]
     if not sites and not depthwise:
