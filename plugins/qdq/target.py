@@ -308,8 +308,7 @@ def quantize_checked(
     recenter: shift ReLU/ReLU6 activations between linear layers onto [-amax/2, amax/2] (plugins/ptq/recenter.py)
       where that measures better.
     smooth: move LayerNorm output and depthwise Conv input ranges into the weights reading them
-        (plugins/ptq/smooth.py)
-      where that measures better.
+      (plugins/ptq/smooth.py) where that measures better.
     """
     import numpy as np
 
@@ -495,10 +494,9 @@ def _rescaled(given: Any, amax: Mapping[str, float], changed: Iterable[str], sou
 
 def _smooth(source: ModelArtifact, scales: Any, data: Any, fit: Mapping[str, np.ndarray], held: _Judge,
             exclude: list[str], options: Mapping[str, Any], report: TargetReport) -> tuple[ModelArtifact, Any]:
-    """The FP32 model with its LayerNorm outputs and depthwise Conv inputs smoothed (plugins/ptq/smooth.py, channel
-    ranges from the `fit`
-    samples) and those tensors calibrated again with the scales' own calibrator on `data`, where that measures
-    better on the held-out samples. A residual Add's restored input gets the original output's range (same
+    """The FP32 model with its LayerNorm outputs and depthwise Conv inputs smoothed (plugins/ptq/smooth.py,
+    channel ranges from the `fit` samples) and those tensors calibrated again with the scales' own calibrator on
+    `data`, where that measures better on the held-out samples. A residual Add's restored input gets the original output's range (same
     values). Returns (the FP32 model to quantize, its scales)."""
     from trtkit.calibration import calibrate, find_calibrator
     from trtkit.errors import UnknownNameError
@@ -539,6 +537,7 @@ def _smooth(source: ModelArtifact, scales: Any, data: Any, fit: Mapping[str, np.
 
 
 def _smooth_subject(layers: list[dict[str, Any]]) -> str:
+    """What the smoothing touched, by kind: '12 LayerNorm outputs', '14 depthwise Conv inputs'."""
     kinds = [layer["kind"] for layer in layers]
     parts = [f"{kinds.count(kind)} {label}" for kind, label in (("layernorm", "LayerNorm outputs"),
                                                                 ("depthwise", "depthwise Conv inputs")) if kind in kinds]
