@@ -128,8 +128,9 @@ def steps_for(recipe: Recipe) -> list[Step]:
         qconfig = {key: quantize.get(key) for key in ("exclude", "exclude_op_types", "per_channel", "reduce_range",
                                                       "adaptive_round", "recenter", "target", "task_metrics",
                                                       "max_float")}
-        if quantize.get("smooth") is not None:  # only when set: recipes without it keep their cache keys
-            qconfig["smooth"] = quantize["smooth"]
+        for key in ("smooth", "choose_ranges"):  # only when set: recipes without them keep their cache keys
+            if quantize.get(key) is not None:
+                qconfig[key] = quantize[key]
         qconfig["data"] = data  # the scales builder refines and checks on it when it can (it declares 'data')
         steps.append(Step("quantize", qconfig, needs=["optimize", "calibrate"], files=[Path(data)],
                           action=functools.partial(_quantize, execution=recipe.section("execution"))))

@@ -87,6 +87,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "adaptive_round": (bool, "int8 weights chosen against each layer's output on the calibration data (default true)"),
         "recenter": (bool, "ReLU/ReLU6 outputs shifted onto [-amax/2, amax/2], half the int8 step (default true)"),
         "smooth": (bool, "LayerNorm output and depthwise Conv input ranges moved into the weights reading them (default true)"),
+        "choose_ranges": (bool, "each activation's range chosen by measurement, not the calibrator's (default true)"),
         "target": (str, "accuracy to reach on the calibration samples, e.g. 'sqnr>=20' (float fallback)"),
         "task_metrics": (list, "task metric specs the target may name, as in `trtkit eval --task-metric`"),
         "max_float": (int, "with a target: at most this many layers in float"),

@@ -121,6 +121,22 @@ def test_adaptive_round_is_deterministic(setup, tmp_path):
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
+def test_cli_quantize_calibrator_ranges_keeps_the_calibrators_ranges(setup, tmp_path):
+    """--calibrator-ranges: no range decision is made, and every activation gets the amax plain `quantize` gives
+    it from the calibrator's scales."""
+    folder, model, _, _, qdq = setup
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", str(model), "-s", str(folder / "scales.json"), "--data", str(folder / "calib.npy"),
+                     "--calibrator-ranges", "--nearest-round", "--no-recenter", "-o", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    actions = [d["action"] for d in json.loads(result.stdout)["checked"]["decisions"]]
+    assert not any(action.startswith("range") for action in actions)
+    from trtkit.model import ModelArtifact
+
+    written = ModelArtifact.load(out).metadata["quantization"]["activation_amax"]
+    assert written and written == qdq.metadata["quantization"]["activation_amax"]
+
+
 @pytest.mark.parametrize("options, message", [
     ({"reference": ""}, "needs option 'reference'"),
     ({"data": ""}, "needs option 'data'"),

@@ -45,6 +45,7 @@ def quantize_command(
     adaptive_round: Annotated[bool, typer.Option("--adaptive-round/--nearest-round", help="With --data: choose int8 weights against each layer's output (kept only when it measures better).")] = True,
     recenter: Annotated[bool, typer.Option("--recenter/--no-recenter", help="With --data: shift ReLU/ReLU6 outputs onto [-amax/2, amax/2], half the int8 step (kept only when it measures better).")] = True,
     smooth: Annotated[bool, typer.Option("--smooth/--no-smooth", help="With --data: move LayerNorm output and depthwise Conv input ranges into the weights reading them (kept only when it measures better).")] = True,
+    choose_ranges: Annotated[bool, typer.Option("--choose-ranges/--calibrator-ranges", help="With --data: choose each activation's range by measurement (a blend toward the full range, the least error at the reading layers, the full range; each kept only when it measures better), or keep the calibrator's ranges.")] = True,
     max_float: Annotated[int | None, typer.Option("--max-float", help="With --target: at most this many layers in float (default: a quarter of them).")] = None,
     workers: WorkersFlag = None,
     ray_address: RayAddressFlag = None,
@@ -87,7 +88,8 @@ def quantize_command(
 
         artifact, checked = quantize_checked(model, source, data, target=target, task_metrics=task_metric or (),
                                              exclude=exclude or (), adaptive_round=adaptive_round,
-                                             recenter=recenter, smooth=smooth, max_float=max_float,
+                                             recenter=recenter, smooth=smooth, choose_ranges=choose_ranges,
+                                             max_float=max_float,
                                              quantize_options=options,
                                              execution=None if run_on.in_process else run_on)
         artifact.save(output)

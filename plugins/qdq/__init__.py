@@ -18,7 +18,7 @@ from trtkit.stages import Builder, Option
 def _build(model: Any, output: Any, scales: str | None = None, exclude: list[str] | None = None,
            exclude_op_types: list[str] | None = None, per_channel: bool = True, reduce_range: bool = False,
            concat_max_ratio: float = 32.0, data: str | None = None, adaptive_round: bool = True,
-           recenter: bool = True, smooth: bool = True, target: str | None = None, task_metrics: list[Any] | None = None, max_float: int | None = None,
+           recenter: bool = True, smooth: bool = True, choose_ranges: bool = True, target: str | None = None, task_metrics: list[Any] | None = None, max_float: int | None = None,
            workers: int | None = None, address: str | None = None, engine: str | None = None) -> Path:
     from trtkit.errors import OptionError
 
@@ -41,7 +41,7 @@ def _build(model: Any, output: Any, scales: str | None = None, exclude: list[str
                                  where="builder 'qdq' option 'workers'")
     artifact, report = quantize_checked(model, scales, data, target=target, task_metrics=task_metrics or (),
                                         exclude=exclude or (), adaptive_round=adaptive_round, recenter=recenter,
-                                        smooth=smooth, max_float=max_float,
+                                        smooth=smooth, choose_ranges=choose_ranges, max_float=max_float,
                                         quantize_options=options,
                                         execution=None if execution.in_process else execution)
     artifact.save(output)
@@ -75,6 +75,8 @@ def register_builders(register: Any) -> None:
             "adaptive_round": Option("bool", True, "with data: int8 weights chosen against each layer's output"),
             "recenter": Option("bool", True, "with data: ReLU/ReLU6 outputs shifted onto [-amax/2, amax/2]"),
             "smooth": Option("bool", True, "with data: LayerNorm output and depthwise Conv input ranges moved into the weights"),
+            "choose_ranges": Option("bool", True, "with data: each activation's range chosen by measurement, not the "
+                                    "calibrator's"),
             "target": Option("str", None, "with data: accuracy to reach, e.g. 'sqnr>=20' (float fallback)"),
             "task_metrics": Option("list", [], "task metric specs the target may name (see `trtkit eval`)"),
             "max_float": Option("int", None, "with a target: at most this many layers in float"),

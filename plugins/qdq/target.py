@@ -304,7 +304,9 @@ def quantize_checked(
 
     task_metrics: task metric specs as `trtkit eval --task-metric` takes them (a target may name their metrics).
     max_float: most layers kept in float for the target (default: a quarter of the quantized layers).
-    choose_ranges: per tensor, keep the calibrator's range or the full observed range, whichever measures better.
+    choose_ranges: choose each activation's range by measurement (a blend toward the full observed range, the
+      least error at the reading layers, the full range), each kept where it measures better; False keeps the
+      calibrator's ranges (for calibration data known to differ from deployment data).
     recenter: shift ReLU/ReLU6 activations between linear layers onto [-amax/2, amax/2] (plugins/ptq/recenter.py)
       where that measures better.
     smooth: move LayerNorm output and depthwise Conv input ranges into the weights reading them
