@@ -47,10 +47,11 @@ def block_model(path, relu_reader: bool = False):
     return path
 
 
-def depthwise_model(path, shared_weight: bool = False):
-    """x [N, 4, 12, 12] -> Conv 1x1 to C channels (3 of them 20x wider) -> Relu -> depthwise 3x3 (multiplier 2)
-    -> Conv 1x1 -> y; the Relu output is also added to the result through a second 1x1 Conv (another reader).
-    shared_weight: a second depthwise Conv reads the same weight (on the first Conv's output)."""
+def depthwise_model(path, shared_weight: bool = False, relu: bool = False):
+    """x [N, 4, 12, 12] -> Conv 1x1 to C channels (3 of them 20x wider) -> depthwise 3x3 (multiplier 2) -> Conv 1x1
+    -> y; the first Conv's output h is also added to the result through a second 1x1 Conv (another reader).
+    shared_weight: a second depthwise Conv reads the same weight (on the first Conv's output).
+    relu: h is a Relu of the first Conv's output."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -63,7 +64,7 @@ def depthwise_model(path, shared_weight: bool = False):
              numpy_helper.from_array(rng.normal(0, 0.2, (8, 2 * CHANNELS, 1, 1)).astype(np.float32), "w2"),
              numpy_helper.from_array(rng.normal(0, 0.2, (8, CHANNELS, 1, 1)).astype(np.float32), "w3")]
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="expand"),
-             helper.make_node("Relu", ["c1"], ["h"], name="relu"),
+             helper.make_node("Relu" if relu else "Identity", ["c1"], ["h"], name="act"),
              helper.make_node("Conv", ["h", "wdw", "bdw"], ["d"], group=CHANNELS, pads=[1, 1, 1, 1], name="dw"),
              helper.make_node("Conv", ["d", "w2"], ["p"], name="project"),
              helper.make_node("Conv", ["h", "w3"], ["s"], name="side"),
@@ -145,6 +146,14 @@ def test_smoothed_depthwise_qdq_builds_with_tensorrt_rtx(tmp_path):
     result, _ = smooth(depthwise_model(tmp_path / "mb.onnx"), calib)
     trtkit.quantize(result, trtkit.calibrate(result, calib, progress=False)).save(tmp_path / "smoothed.onnx")
     trt_build(tmp_path / "smoothed.onnx", shape=(1, 4, 12, 12), opt=(4, 4, 12, 12), maximum=(8, 4, 12, 12))
+
+
+def test_smooth_leaves_a_relu_output_to_recentring(tmp_path):
+    path = depthwise_model(tmp_path / "mb.onnx", relu=True)
+    result, report = smooth(path, _images(1))
+    assert report.layers == [] and report.skipped == {"dw": "reads a Relu output: recentring halves its int8 step "
+                                                            "instead"}
+    assert [n.op_type for n in result.model.graph.node].count("Mul") == 0
 
 
 def test_smooth_skips_a_depthwise_conv_with_a_shared_weight(tmp_path):
